@@ -1,0 +1,112 @@
+"""The ``batcher`` command: argument parsing and exit codes, nothing more.
+
+All behaviour lives in the library (``batcher.jobs``); this module turns
+options into calls and every ``BatcherError`` into one line on stderr and
+the contract's exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from batcher import __version__, jobs
+from batcher.config import load_job
+from batcher.errors import BatcherError
+from batcher.jobs import SIMULATED_NOTICE
+from batcher.mock_server import MockConfig, serve_forever
+from batcher.runner import RunOptions, prepare
+
+T = TypeVar("T")
+JOB_ARGUMENT = click.argument("job_file", metavar="JOB.yaml",
+                              type=click.Path(path_type=Path, dir_okay=False))
+
+
+def _report_errors(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except BatcherError as error:
+        click.echo(f"batcher: error: {error}", err=True)
+        sys.exit(error.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batcher")
+def main() -> None:
+    """Run batches of prompts through OpenAI-compatible chat APIs: concurrent,
+    rate-limited, resumable. See `batcher run --help`."""
+
+
+@main.command()
+@JOB_ARGUMENT
+@click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
+@click.option("--limit", type=click.IntRange(min=0), metavar="N",
+              help="Run only the first N input rows.")
+@click.option("--dry-run", "estimate_only", is_flag=True,
+              help="Check the job and input, estimate tokens and cost; send nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output, only the summary.")
+def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
+        quiet: bool) -> None:
+    """Run JOB.yaml to the end; run it again to resume after a crash or Ctrl-C.
+
+    Exit codes: 0 every row answered; 1 some rows failed (status `error` in
+    the results); 2 bad job, input or arguments (nothing sent); 3 aborted by
+    the server (bad key, no quota); 130/143 interrupted by SIGINT/SIGTERM.
+    """
+    job = _report_errors(lambda: load_job(job_file))
+    if estimate_only:
+        figures = _report_errors(lambda: jobs.dry_run(job, limit))
+        click.echo(f"{job_file}: dry run, nothing sent: {figures.describe(job.model)}")
+        return
+    if job.endpoint.mock is not None:
+        click.echo(f"batcher: {SIMULATED_NOTICE}", err=True)
+    options = RunOptions(fresh=fresh, limit=limit, progress=not quiet)
+    report = _report_errors(lambda: asyncio.run(jobs.arun_job(job, options)))
+    click.echo(f"batcher: {report.stats.summary()}", err=True)
+    state = "complete" if not report.failed_rows else (
+        f"{report.failed_rows} row{'s' if report.failed_rows != 1 else ''} failed")
+    click.echo(f"results: {report.results_path} ({report.rows} rows, {state})")
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@JOB_ARGUMENT
+def validate(job_file: Path) -> None:
+    """Check the job file and the input's columns and ids; send nothing."""
+
+    def check() -> None:
+        job = load_job(job_file)
+        prepared = prepare(job)
+        click.echo(f"{job_file}: ok ({prepared.rows} rows in {job.input.path.name})")
+
+    _report_errors(check)
+
+
+@main.command("mock-server")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--latency", "latency_s", type=click.FloatRange(min=0), default=0.0,
+              show_default=True, help="Seconds before each reply.")
+@click.option("--api-key-env", metavar="VAR",
+              help="Require the key held in this environment variable.")
+@click.option("--rpm", type=click.IntRange(min=1), help="Enforce a requests-per-minute limit.")
+@click.option("--tpm", type=click.IntRange(min=1), help="Enforce a tokens-per-minute limit.")
+@click.option("--window", "window_s", type=click.FloatRange(min=0.001), default=60.0,
+              show_default=True, help="Seconds over which the limits are enforced.")
+def mock_server(port: int, latency_s: float, api_key_env: str | None, rpm: int | None,
+                tpm: int | None, window_s: float) -> None:
+    """Serve the built-in OpenAI-compatible test server on 127.0.0.1 (replies are simulated)."""
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            click.echo(f"batcher: error: --api-key-env: environment variable {api_key_env} "
+                       "is not set", err=True)
+            sys.exit(2)
+    serve_forever(MockConfig(port=port, latency_s=latency_s, api_key=key,
+                             requests_per_minute=rpm, tokens_per_minute=tpm, window_s=window_s))

@@ -1,0 +1,87 @@
+"""HTTP to an OpenAI-compatible server: the only module that speaks aiohttp.
+
+Every failure of the transport (refused or reset connection, a timeout, a
+body cut short) is translated here, at one boundary, into a classified
+``ApiError``; nothing above this module sees an aiohttp exception.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+
+from batcher.errors import ApiError, Verdict
+from batcher.redact import Redactor
+from batcher.wire import Completion, classify_error, one_line, parse_completion
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests go and what they carry; ``headers`` may hold the key."""
+
+    url: str
+    headers: dict[str, str]
+    timeout_s: float
+
+
+@dataclass(slots=True)
+class Response:
+    completion: Completion
+    latency_s: float
+    headers: dict[str, str]
+
+
+class ChatClient:
+    """One keep-alive connection pool for the whole run."""
+
+    def __init__(self, endpoint: Endpoint, redactor: Redactor, max_connections: int) -> None:
+        self._endpoint = endpoint
+        self._redactor = redactor
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300,
+                                         enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._endpoint.timeout_s),
+            headers={"Content-Type": "application/json", **self._endpoint.headers},
+            raise_for_status=False,
+            trust_env=True,
+        )
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def complete(self, body: bytes) -> Response:
+        """Send one chat-completion request; raise ``ApiError`` on any failure."""
+        assert self._session is not None, "use ChatClient as an async context manager"
+        started = time.perf_counter()
+        try:
+            async with self._session.post(self._endpoint.url, data=body) as response:
+                payload = await response.read()
+                status = response.status
+                headers = {key.lower(): value for key, value in response.headers.items()}
+        except TimeoutError:
+            raise ApiError(Verdict.RETRY, f"request timed out after {self._endpoint.timeout_s:g} s"
+                           ) from None
+        except aiohttp.ClientError as exc:
+            reason = self._redactor.clean(one_line(str(exc) or exc.__class__.__name__))
+            raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
+        latency = time.perf_counter() - started
+        try:
+            if status != 200:
+                raise classify_error(status, payload, headers)
+            return Response(parse_completion(payload), latency, headers)
+        except ApiError as error:
+            error.message = self._redactor.clean(error.message)
+            raise

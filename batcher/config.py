@@ -1,0 +1,317 @@
+"""The job file: loaded and validated once, at the edge.
+
+Every later layer receives a ``Job`` whose values are already known good,
+so nothing downstream re-checks types or ranges. Validation messages name
+the key and say what it must be (``limits.requests_per_minute: must be a
+positive number``); the key itself is never echoed when it looks secret.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from batcher.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
+OUTPUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
+# Request fields batcher owns: a job may not override them through params.
+RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class InputSpec(_Spec):
+    path: Path
+    id_column: str | None = None
+
+    @model_validator(mode="after")
+    def _known_format(self) -> InputSpec:
+        if self.path.suffix.lower() not in INPUT_SUFFIXES:
+            raise ValueError(f"path: must end in {', '.join(INPUT_SUFFIXES)}")
+        return self
+
+
+class PromptSpec(_Spec):
+    column: str | None = None
+    template: str | None = None
+    system: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptSpec:
+        if (self.column is None) == (self.template is None):
+            raise ValueError("set exactly one of prompt.column and prompt.template")
+        if self.template is not None:
+            template_fields(self.template)  # raises ValueError on a malformed template
+        return self
+
+    def columns(self) -> list[str]:
+        """The input columns the prompt reads."""
+        if self.column is not None:
+            return [self.column]
+        assert self.template is not None
+        return template_fields(self.template)
+
+
+class MockSpec(_Spec):
+    """Run against the built-in mock server, started in-process (demos only)."""
+
+    latency_s: Annotated[float, Field(ge=0)] = 0.02
+    seed: int = 0
+
+
+class EndpointSpec(_Spec):
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout_s: PositiveFloat = 120.0
+    allow_insecure_http: bool = False
+    mock: MockSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> EndpointSpec:
+        if (self.base_url is None) == (self.mock is None):
+            raise ValueError("set exactly one of endpoint.base_url and endpoint.mock")
+        if self.base_url is not None and not re.match(r"https?://[^/\s]+", self.base_url):
+            raise ValueError("base_url: must start with http:// or https:// and name a host")
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
+                                                             self.api_key_env):
+            raise ValueError("api_key_env: must be the name of an environment variable, "
+                             "not the key itself")
+        return self
+
+
+class LimitsSpec(_Spec):
+    concurrency: PositiveInt = 32
+    requests_per_minute: PositiveFloat | None = None
+    tokens_per_minute: PositiveFloat | None = None
+
+
+class RetrySpec(_Spec):
+    max_attempts: PositiveInt = 6
+    base_delay_s: PositiveFloat = 0.5
+    max_delay_s: PositiveFloat = 60.0
+
+
+class OutputSpec(_Spec):
+    path: Path
+    checkpoint: Path | None = None
+
+    @model_validator(mode="after")
+    def _known_format(self) -> OutputSpec:
+        if self.path.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ValueError(f"path: must end in {', '.join(OUTPUT_SUFFIXES)}")
+        return self
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint or self.path.with_suffix(".ckpt")
+
+
+class Job(_Spec):
+    name: str
+    input: InputSpec
+    prompt: PromptSpec
+    model: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    endpoint: EndpointSpec
+    limits: LimitsSpec = LimitsSpec()
+    retry: RetrySpec = RetrySpec()
+    output: OutputSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Job:
+        reserved = sorted(RESERVED_PARAMS & self.params.keys())
+        if reserved:
+            raise ValueError(f"params.{reserved[0]}: is set by batcher and cannot be overridden")
+        if self.output is not None:
+            if self.output.path.resolve() == self.input.path.resolve():
+                raise ValueError("output.path: must not be the input file")
+            if self.output.checkpoint_path.resolve() in (
+                self.input.path.resolve(), self.output.path.resolve()
+            ):
+                raise ValueError("output.checkpoint: must differ from the input and results files")
+        return self
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The output cap the server reserves against TPM, when the job sets one."""
+        for key in ("max_completion_tokens", "max_tokens"):
+            value = self.params.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a ``{column}`` template reads, in order, without repeats."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"template: {exc} (write a literal brace as {{{{ or }}}})") from None
+    for _literal, name, _spec, _conversion in parsed:
+        if name is None:
+            continue
+        if not name or not re.fullmatch(r"[^.\[\]]+", name):
+            raise ValueError(f"template: {{{name}}} must name a column, like {{body}}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+# --- loading -----------------------------------------------------------------------------
+
+_SECRET_KEY_NAME = re.compile(r"(api[_-]?key|secret|password|token|authorization)$", re.I)
+_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|Bearer\s+\S{16,})")
+
+
+def load_job(path: Path, *, require_output: bool = True) -> Job:
+    """Read, check and resolve a job file. Raises ``ConfigError`` naming the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read job file ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}: {where}malformed YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: job file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys (name, input, prompt, ...)")
+    data.setdefault("name", path.stem)
+    return job_from_dict(data, base_dir=path.parent, source=str(path),
+                         require_output=require_output)
+
+
+def job_from_dict(data: dict[str, Any], *, base_dir: Path, source: str,
+                  require_output: bool) -> Job:
+    """Validate a job given as plain data (from YAML or from the Python API)."""
+    refuse_literal_secrets(data, source)
+    data = _resolve_paths(data, base_dir)
+    try:
+        job = Job.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+    if require_output and job.output is None:
+        raise ConfigError(f"{source}: output: is required (output.path: where results go)")
+    return job
+
+
+def refuse_literal_secrets(data: Any, source: str) -> None:
+    """A key written into a job file ends up in git and backups: refuse it."""
+    for dotted, key, value in _walk(data, ""):
+        if not isinstance(value, str) or not value:
+            continue
+        if (_SECRET_KEY_NAME.search(key) and not key.endswith("_env")) or _SECRET_VALUE.search(
+            value
+        ):
+            raise ConfigError(
+                f"{source}: {dotted}: looks like a literal API key; keep keys out of job "
+                "files: export it in an environment variable and name that variable in "
+                "endpoint.api_key_env"
+            )
+
+
+def _walk(data: Any, prefix: str) -> Iterator[tuple[str, str, Any]]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            yield dotted, str(key), value
+            yield from _walk(value, dotted)
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _walk(value, f"{prefix}[{index}]")
+
+
+def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    resolved = dict(data)
+    for section, keys in (("input", ("path",)), ("output", ("path", "checkpoint"))):
+        block = resolved.get(section)
+        if not isinstance(block, dict):
+            continue
+        block = dict(block)
+        for key in keys:
+            value = block.get(key)
+            if isinstance(value, str) and value:
+                block[key] = (base_dir / Path(value).expanduser()).resolve()
+            elif value is not None and not isinstance(value, Path):
+                block[key] = value  # left for validation to reject with the key's name
+        resolved[section] = block
+    return resolved
+
+
+_NAMED_MESSAGE = re.compile(r"^[A-Za-z_][\w.\[\]]*: ")
+_MESSAGES: dict[str, str] = {
+    "missing": "is required",
+    "extra_forbidden": "unknown key",
+    "greater_than": "must be a positive number",
+    "greater_than_equal": "must be zero or more",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "string_type": "must be a string",
+    "string_too_short": "must not be empty",
+    "bool_type": "must be true or false",
+    "dict_type": "must be a mapping of keys",
+    "model_type": "must be a mapping of keys",
+    "model_attributes_type": "must be a mapping of keys",
+    "path_type": "must be a file path",
+}
+
+
+def _allowed_keys(parent: list[str]) -> list[str]:
+    model: type[BaseModel] = Job
+    for part in parent:
+        annotation = model.model_fields[part].annotation
+        candidates = [arg for arg in (*getattr(annotation, "__args__", ()), annotation)
+                      if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Turn pydantic's report into one line that names the key and the fix."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-")]
+    # Union branches add the branch type to the location: drop those noise parts.
+    loc = [part for part in loc if part not in {"str", "int", "float", "MockSpec", "bool"}]
+    kind = first["type"]
+    key = ".".join(loc)
+    if kind == "value_error":
+        message = str(first.get("ctx", {}).get("error", first["msg"]))
+        # A model-level check names its own sub-key ("path: must ..."): join, don't repeat.
+        if _NAMED_MESSAGE.match(message):
+            text = f"{key}.{message}" if key else message
+        else:
+            text = f"{key}: {message}" if key else message
+    else:
+        message = _MESSAGES.get(kind, first["msg"].lower())
+        if kind == "extra_forbidden":
+            message += f" (allowed here: {', '.join(_allowed_keys(loc[:-1]))})"
+        text = f"{key}: {message}" if key else message
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return text
+

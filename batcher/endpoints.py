@@ -1,0 +1,59 @@
+"""From the job's ``endpoint`` section to a URL and headers, key included.
+
+The key is read from the environment variable the job names, here and
+nowhere else; it is handed on only inside ``Endpoint.headers`` and to the
+``Redactor`` that scrubs it from every message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from batcher.client import Endpoint
+from batcher.config import EndpointSpec
+from batcher.errors import ConfigError
+from batcher.redact import Redactor, redact_url
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def resolve_endpoint(spec: EndpointSpec, *, base_url: str | None = None,
+                     environ: Mapping[str, str] | None = None) -> tuple[Endpoint, Redactor]:
+    """The endpoint to call and a redactor that knows its secret.
+
+    ``base_url`` overrides the spec's (used when batcher starts its own mock
+    server on a port it picks).
+    """
+    environ = os.environ if environ is None else environ
+    url = (base_url or spec.base_url or "").rstrip("/")
+    key: str | None = None
+    if spec.api_key_env is not None:
+        key = environ.get(spec.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(f"endpoint.api_key_env: environment variable {spec.api_key_env} "
+                              f"is not set (export {spec.api_key_env}=... before running)")
+        if not spec.allow_insecure_http and not is_safe_for_secrets(url):
+            raise ConfigError(
+                f"endpoint.base_url: {redact_url(url)} is plain http:// to a host other than "
+                "this machine, so the key would cross the network unencrypted; use https:// "
+                "or set endpoint.allow_insecure_http: true")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    endpoint = Endpoint(url=f"{url}/chat/completions", headers=headers, timeout_s=spec.timeout_s)
+    return endpoint, Redactor([key] if key else [])
+
+
+def is_safe_for_secrets(url: str) -> bool:
+    """HTTPS anywhere, or plain HTTP to this machine only."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,92 @@
+"""One exception family for everything batcher reports to a user.
+
+Each family maps to one exit code of the contract, so the CLI never has to
+guess: configuration, data and checkpoint mistakes are the user's (exit 2),
+a server's verdict on the account stops the run (exit 3), an interruption
+keeps the checkpoint (exit 130). Lower layers (aiohttp, pyarrow, pydantic)
+are translated into these at one boundary each, never by matching text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class BatcherError(Exception):
+    """Base of every error batcher raises on purpose."""
+
+    exit_code = 1
+
+
+class UserError(BatcherError):
+    """The job, its input or the command line is wrong; nothing was sent."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """The job file or a command-line option is invalid."""
+
+
+class DataError(UserError):
+    """The input file cannot be used as it is."""
+
+
+class CheckpointError(UserError):
+    """The checkpoint belongs to another job, or another run holds it."""
+
+
+class OutputError(BatcherError):
+    """The results or checkpoint could not be written (disk full, permissions)."""
+
+    exit_code = 2
+
+
+class RunAborted(BatcherError):
+    """The server refused the account itself (bad key, no quota, a repeating
+    terminal error): going on would fail every row or burn money."""
+
+    exit_code = 3
+
+
+class Interrupted(BatcherError):
+    """Ctrl-C or SIGTERM: the checkpoint is consistent and the run can resume."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Verdict(Enum):
+    """What one failed request means for its row and for the run."""
+
+    RETRY = "retry"  # transient: try the same request again later
+    ROW_ERROR = "row_error"  # this request can never succeed as sent
+    ABORT = "abort"  # the account is refused: stop the whole run
+
+
+@dataclass
+class ApiError(Exception):
+    """One failed request, already classified.
+
+    ``message`` is a one-line, secret-free reason suitable for the results
+    file; ``retry_after_s`` is the server's own hint, when it gave one.
+    """
+
+    verdict: Verdict
+    message: str
+    status: int | None = None
+    code: str | None = None
+    type: str | None = None
+    request_id: str | None = None
+    retry_after_s: float | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def is_rate_limit(self) -> bool:
+        return self.status == 429 and self.verdict is Verdict.RETRY

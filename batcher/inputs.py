@@ -1,0 +1,282 @@
+"""Reading the input file a batch of rows at a time.
+
+CSV, Parquet and JSONL all come out as a stream of ``pyarrow.RecordBatch``
+with one fixed schema, so the rest of batcher never holds the whole input.
+CSV columns are read as text: a column that looks numeric in the first
+block and holds text further down would otherwise fail half way through.
+Every pyarrow/parse failure is translated here into a ``DataError`` that
+names the file and, where it can, the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from batcher.errors import DataError
+
+BATCH_ROWS = 8192
+_HASH_CHUNK = 1 << 20
+
+
+class InputReader:
+    """A re-iterable stream of record batches over one input file."""
+
+    def __init__(self, path: Path, batch_rows: int = BATCH_ROWS) -> None:
+        self.path = path
+        self.batch_rows = batch_rows
+        self.format = path.suffix.lower().lstrip(".")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DataError(f"{path}: input file not found") from None
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read input ({exc.strerror})") from None
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder, not an input file")
+        if size == 0:
+            raise DataError(f"{path}: input file is empty (0 bytes)")
+        self.schema = self._read_schema()
+
+    # -- public ---------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Yield the input's rows in order, ``batch_rows`` at a time."""
+        if self.format == "csv":
+            yield from self._csv_batches()
+        elif self.format == "parquet":
+            yield from self._parquet_batches()
+        else:
+            yield from self._jsonl_batches()
+
+    def content_digest(self) -> str:
+        """A hash of the file's bytes, streamed, for the checkpoint's fingerprint."""
+        digest = hashlib.blake2b(digest_size=16)
+        with self.path.open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def _read_schema(self) -> pa.Schema:
+        if self.format == "csv":
+            names = self._csv_header()
+            return pa.schema([(name, pa.string()) for name in names])
+        if self.format == "parquet":
+            try:
+                return pq.ParquetFile(self.path).schema_arrow
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})"
+                                ) from None
+        return self._jsonl_schema()
+
+    def _csv_header(self) -> list[str]:
+        try:
+            with self.path.open(encoding="utf-8-sig", newline="") as handle:
+                header = next(csv.reader(handle), None)
+        except UnicodeDecodeError:
+            raise DataError(f"{self.path}: line 1: not valid UTF-8 text (save the file as UTF-8)"
+                            ) from None
+        except csv.Error as exc:
+            raise DataError(f"{self.path}: line 1: malformed CSV header ({exc})") from None
+        if not header or all(not name.strip() for name in header):
+            raise DataError(f"{self.path}: line 1: CSV header is empty")
+        _check_unique_columns(self.path, header)
+        return header
+
+    def _jsonl_schema(self) -> pa.Schema:
+        first = next(self._jsonl_row_chunks(), None)
+        if first is None:
+            return pa.schema([])
+        rows, first_line = first
+        try:
+            table = pa.Table.from_pylist(rows)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise DataError(f"{self.path}: lines {first_line}-{first_line + len(rows) - 1}: "
+                            f"inconsistent values ({_first_line(exc)})") from None
+        # An all-null column in the first rows carries no type; text is the safe guess.
+        fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f
+                  for f in table.schema]
+        return pa.schema(fields)
+
+    # -- per format -------------------------------------------------------------------------
+
+    def _csv_batches(self) -> Iterator[pa.RecordBatch]:
+        bad_rows: list[str] = []
+
+        def on_invalid(row: pacsv.InvalidRow) -> str:
+            where = f"line {row.number}" if row.number is not None else "a row"
+            bad_rows.append(f"{where}: expected {row.expected_columns} fields, "
+                            f"found {row.actual_columns}")
+            return "error"
+
+        try:
+            reader = pacsv.open_csv(
+                self.path,
+                read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True,
+                                                 invalid_row_handler=on_invalid),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={field.name: pa.string() for field in self.schema},
+                    strings_can_be_null=False,
+                ),
+            )
+            for batch in reader:
+                yield from _rebatch(batch, self.batch_rows)
+        except pa.ArrowInvalid as exc:
+            if bad_rows:
+                raise DataError(f"{self.path}: {bad_rows[0]} (ragged CSV row)") from None
+            text = str(exc)
+            if "UTF8" in text or "UTF-8" in text:
+                raise DataError(f"{self.path}: not valid UTF-8 text (save the file as UTF-8)"
+                                ) from None
+            raise DataError(f"{self.path}: malformed CSV ({_first_line(exc)})") from None
+
+    def _parquet_batches(self) -> Iterator[pa.RecordBatch]:
+        try:
+            parquet = pq.ParquetFile(self.path)
+            yield from parquet.iter_batches(batch_size=self.batch_rows)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})"
+                            ) from None
+
+    def _jsonl_batches(self) -> Iterator[pa.RecordBatch]:
+        names = set(self.schema.names)
+        for rows, first_line in self._jsonl_row_chunks():
+            for offset, row in enumerate(rows):
+                extra = row.keys() - names
+                if extra:
+                    raise DataError(
+                        f"{self.path}: line {first_line + offset}: key "
+                        f"'{sorted(extra)[0]}' is not in the first rows' columns "
+                        f"({', '.join(self.schema.names)})")
+            try:
+                yield pa.RecordBatch.from_pylist(rows, schema=self.schema)
+            except (pa.ArrowException, TypeError, ValueError) as exc:
+                raise DataError(f"{self.path}: lines {first_line}-{first_line + len(rows) - 1}: "
+                                f"a value does not match its column's type ({_first_line(exc)})"
+                                ) from None
+
+    def _jsonl_row_chunks(self) -> Iterator[tuple[list[dict[str, object]], int]]:
+        """Parsed JSONL objects in chunks, with the line number each chunk starts at."""
+        rows: list[dict[str, object]] = []
+        first_line = 1
+        with self.path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    problem = "not valid UTF-8" if "utf-8" in str(exc).lower() else "not valid JSON"
+                    raise DataError(f"{self.path}: line {number}: {problem}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{self.path}: line {number}: must be a JSON object")
+                if not rows:
+                    first_line = number
+                rows.append(row)
+                if len(rows) >= self.batch_rows:
+                    yield rows, first_line
+                    rows = []
+        if rows:
+            yield rows, first_line
+
+
+@dataclass(frozen=True)
+class InputSummary:
+    rows: int
+    digest: str
+
+
+def scan_input(reader: InputReader, id_column: str | None, limit: int | None) -> InputSummary:
+    """One streamed pass that proves the ids usable before anything is sent.
+
+    Ids are hashed to 64-bit integers so a million ids cost 8 MB, not a set of
+    strings; a hash collision is confirmed against the real values.
+    """
+    rows = 0
+    hashes: list[np.ndarray] = []
+    for batch in reader.batches():
+        if limit is not None and rows >= limit:
+            break
+        if limit is not None and rows + batch.num_rows > limit:
+            batch = batch.slice(0, limit - rows)
+        if id_column is not None:
+            ids = batch.column(id_column)
+            if ids.null_count:
+                position = rows + _first_null(ids)
+                raise DataError(f"{reader.path}: row {position + 1}: id column '{id_column}' "
+                                "is empty (every row needs an id)")
+            hashes.append(_hash_ids(ids))
+        rows += batch.num_rows
+    if hashes:
+        _check_unique_ids(reader, id_column or "", np.concatenate(hashes), limit)
+    return InputSummary(rows=rows, digest=reader.content_digest())
+
+
+def id_strings(column: pa.Array) -> list[str]:
+    """Ids as text, the same way for every input format."""
+    return [str(value) for value in column.to_pylist()]
+
+
+def _hash_ids(column: pa.Array) -> np.ndarray:
+    values = np.asarray(id_strings(column), dtype=object)
+    return pd.util.hash_array(values, categorize=False)
+
+
+def _check_unique_ids(reader: InputReader, id_column: str, hashes: np.ndarray,
+                      limit: int | None) -> None:
+    order = np.sort(hashes)
+    repeated = order[1:][order[1:] == order[:-1]]
+    if not repeated.size:
+        return
+    suspects = set(repeated.tolist())
+    seen: dict[str, int] = {}
+    position = 0
+    for batch in reader.batches():
+        batch_hashes = _hash_ids(batch.column(id_column)).tolist()
+        batch_ids = id_strings(batch.column(id_column))
+        for offset, (value_hash, value) in enumerate(zip(batch_hashes, batch_ids, strict=True)):
+            row = position + offset
+            if limit is not None and row >= limit:
+                return
+            if value_hash not in suspects:
+                continue
+            if value in seen:
+                raise DataError(f"{reader.path}: row {row + 1}: duplicate id '{value}' "
+                                f"(first at row {seen[value] + 1}) in column '{id_column}'")
+            seen[value] = row
+        position += batch.num_rows
+
+
+def _first_null(column: pa.Array) -> int:
+    return int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def _rebatch(batch: pa.RecordBatch, size: int) -> Iterator[pa.RecordBatch]:
+    for start in range(0, batch.num_rows, size):
+        yield batch.slice(start, size)
+
+
+def _check_unique_columns(path: Path, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{path}: line 1: column '{name}' appears twice in the header")
+        seen.add(name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__

@@ -1,0 +1,20 @@
+"""An OpenAI-compatible mock chat-completion server for tests, benchmarks and demos.
+
+It answers ``POST /v1/chat/completions`` (and the Azure and bare variants)
+with :func:`reply_for` text in OpenAI's exact shapes, enforces optional
+RPM/TPM limits with OpenAI's headers, and injects faults on request, either
+by a ``[[fault:KIND]]`` marker in the prompt or by :class:`FaultRule`. It
+binds to loopback only and imports nothing from the rest of batcher, so a
+client bug cannot be mirrored in the fake that tests it.
+
+>>> with MockServer(MockConfig(api_key="sk-test")) as srv:   # doctest: +SKIP
+...     srv.base_url
+'http://127.0.0.1:PORT/v1'
+"""
+
+from .config import FaultRule, MockConfig
+from .replies import reply_for
+from .stats import MockStats
+from .thread import MockServer, serve_forever
+
+__all__ = ["FaultRule", "MockConfig", "MockServer", "MockStats", "reply_for", "serve_forever"]

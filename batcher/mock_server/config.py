@@ -1,0 +1,137 @@
+"""Settings for the mock server, validated once when they are built.
+
+The dataclasses are the whole configuration surface: tests, the benchmark and
+the ``batcher mock-server`` command all build a :class:`MockConfig` and hand it
+to :class:`~batcher.mock_server.MockServer` or
+:func:`~batcher.mock_server.serve_forever`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+#: Every fault the server can inject, by name. A ``[[fault:KIND]]`` marker or a
+#: :class:`FaultRule` naming anything else is an error, so a typo in a test is
+#: loud instead of silently producing a normal reply.
+FAULT_KINDS: frozenset[str] = frozenset(
+    {
+        "429",
+        "429_bare",
+        "quota",
+        "credit",
+        "401",
+        "403",
+        "400",
+        "context",
+        "404",
+        "422",
+        "500",
+        "502_html",
+        "503",
+        "503_bare",
+        "llama_loading",
+        "vllm_401",
+        "detail_500",
+        "azure_429",
+        "azure_filter",
+        "drop",
+        "stall",
+        "malformed",
+        "error_200",
+        "empty_choices",
+        "no_usage",
+        "null_content_refusal",
+        "content_filter",
+        "length",
+    }
+)
+
+
+def check_loopback(host: str) -> None:
+    """Refuse any host that is not a loopback address.
+
+    The mock accepts any key and answers with fake text, so it must never be
+    reachable from another machine.
+    """
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"mock server host {host!r} is not a loopback address; use 127.0.0.1, ::1 or localhost"
+        )
+
+
+@dataclass
+class FaultRule:
+    """Inject ``kind`` into requests that pass the key check.
+
+    ``first_n`` faults the first N such requests (counted from server start or
+    the last ``/_mock/reset``); ``rate`` then faults each later request with
+    that probability, drawn from the server's seeded RNG.
+    """
+
+    kind: str
+    rate: float = 0.0
+    first_n: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            known = ", ".join(sorted(FAULT_KINDS))
+            raise ValueError(f"FaultRule.kind: unknown fault {self.kind!r}; known kinds: {known}")
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"FaultRule.rate: must be between 0 and 1, got {self.rate}")
+        if self.first_n < 0:
+            raise ValueError(f"FaultRule.first_n: must be >= 0, got {self.first_n}")
+
+
+@dataclass
+class MockConfig:
+    """How the mock server behaves; every default gives a plain, fast server.
+
+    Rate limits are enforced per ``window_s``: each window admits at most
+    ``requests_per_minute * window_s / 60`` requests and
+    ``tokens_per_minute * window_s / 60`` tokens. ``window_s=1`` reproduces
+    OpenAI's habit of enforcing "60,000 RPM" as 1,000 requests per second.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    latency_s: float = 0.0
+    api_key: str | None = None
+    echo_key_in_errors: bool = False
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    window_s: float = 60.0
+    ratelimit_headers: bool = True
+    faults: list[FaultRule] = field(default_factory=list)
+    seed: int = 0
+    stall_s: float = 30.0
+    model_name: str | None = None
+    fault_retry_after_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_loopback(self.host)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"MockConfig.port: must be 0..65535, got {self.port}")
+        for name in ("latency_s", "stall_s", "fault_retry_after_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MockConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.window_s <= 0:
+            raise ValueError(f"MockConfig.window_s: must be > 0, got {self.window_s}")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            limit = getattr(self, name)
+            if limit is None:
+                continue
+            if limit * self.window_s / 60 < 1:
+                raise ValueError(
+                    f"MockConfig.{name}: {limit} per minute allows less than one per "
+                    f"{self.window_s:g}s window; raise the limit or window_s"
+                )
+        for rule in self.faults:
+            if not isinstance(rule, FaultRule):
+                raise ValueError(f"MockConfig.faults: expected FaultRule items, got {rule!r}")

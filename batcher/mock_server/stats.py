@@ -1,0 +1,102 @@
+"""What the server saw, for tests to assert on.
+
+The server's event loop writes; test threads read. Every update and
+:meth:`MockStats.snapshot` take one lock. Reading a single attribute directly
+is fine for a quick check; use ``snapshot()`` for a consistent copy or to
+iterate.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+HISTORY = 100
+"""How many recent requests' headers and paths are kept."""
+
+
+def _push(history: list[Any], item: Any) -> None:
+    history.append(item)
+    if len(history) > HISTORY:
+        del history[0]
+
+
+class MockStats:
+    """Counters over the API routes (everything except ``/health`` and ``/_mock/*``).
+
+    * ``requests_total``, ``by_status``: every API request and the status it got;
+      a dropped connection has no status and counts in ``dropped`` instead.
+    * ``prompts``: requests per last-user-message text, faulted and rejected
+      ones included (any request whose body parsed).
+    * ``ok_prompts``: 200 ``chat.completion`` replies with choices, per prompt.
+    * ``in_flight`` / ``max_in_flight``: concurrent API requests now / at peak.
+    * ``headers_seen`` (names lower-cased) and ``paths_seen`` (with query
+      string): the last :data:`HISTORY` requests, oldest first.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests_total = 0
+        self.by_status: dict[int, int] = {}
+        self.prompts: Counter[str] = Counter()
+        self.ok_prompts: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.dropped = 0
+        self.headers_seen: list[dict[str, str]] = []
+        self.paths_seen: list[str] = []
+
+    def request_started(self, path_qs: str, headers: Mapping[str, str]) -> None:
+        seen = {name.lower(): value for name, value in headers.items()}
+        with self._lock:
+            self.requests_total += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            _push(self.headers_seen, seen)
+            _push(self.paths_seen, path_qs)
+
+    def request_finished(self, status: int | None) -> None:
+        """Record the end of a request; ``status`` None means the connection was dropped."""
+        with self._lock:
+            self.in_flight -= 1
+            if status is None:
+                self.dropped += 1
+            else:
+                self.by_status[status] = self.by_status.get(status, 0) + 1
+
+    def record_prompt(self, prompt: str) -> None:
+        with self._lock:
+            self.prompts[prompt] += 1
+
+    def record_ok(self, prompt: str) -> None:
+        with self._lock:
+            self.ok_prompts[prompt] += 1
+
+    def reset(self) -> None:
+        """Zero every counter in place (``in_flight`` tracks live requests and is kept)."""
+        with self._lock:
+            self.requests_total = 0
+            self.by_status.clear()
+            self.prompts.clear()
+            self.ok_prompts.clear()
+            self.max_in_flight = self.in_flight
+            self.dropped = 0
+            self.headers_seen.clear()
+            self.paths_seen.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A consistent plain-dict copy (JSON-serialisable apart from int status keys)."""
+        with self._lock:
+            return {
+                "requests_total": self.requests_total,
+                "by_status": dict(sorted(self.by_status.items())),
+                "prompts": dict(self.prompts),
+                "ok_prompts": dict(self.ok_prompts),
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+                "dropped": self.dropped,
+                "headers_seen": [dict(h) for h in self.headers_seen],
+                "paths_seen": list(self.paths_seen),
+            }

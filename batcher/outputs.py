@@ -1,0 +1,109 @@
+"""Writing the results file: streamed, in input order, atomically.
+
+Rows go to a temporary file in the destination folder, which is renamed
+over the destination only once complete, so a reader never sees a half
+written file and a crash never leaves one behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Protocol
+
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from batcher.errors import OutputError
+from batcher.records import FLOAT_COLUMNS, INTEGER_COLUMNS, RESULT_COLUMNS, RowResult
+
+
+def result_fields() -> list[pa.Field]:
+    def arrow_type(name: str) -> pa.DataType:
+        if name in INTEGER_COLUMNS:
+            return pa.int64()
+        if name in FLOAT_COLUMNS:
+            return pa.float64()
+        return pa.string()
+
+    return [pa.field(name, arrow_type(name)) for name in RESULT_COLUMNS]
+
+
+def results_schema(input_schema: pa.Schema) -> pa.Schema:
+    return pa.schema(list(input_schema) + result_fields())
+
+
+def attach_results(batch: pa.RecordBatch, results: list[RowResult | None],
+                   schema: pa.Schema) -> pa.RecordBatch:
+    """The input batch with the result columns appended (a missing outcome is an error row)."""
+    rows = [result or RowResult.failed("no outcome recorded", 0) for result in results]
+    columns = list(batch.columns)
+    for field in result_fields():
+        columns.append(pa.array([getattr(row, field.name) for row in rows], type=field.type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+class _BatchWriter(Protocol):
+    def write(self, batch: pa.RecordBatch) -> None: ...
+    def close(self) -> None: ...
+
+
+class _JsonlWriter:
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        lines = [orjson.dumps(row, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME,
+                              default=str)
+                 for row in batch.to_pylist()]
+        if lines:
+            self._handle.write(b"\n".join(lines) + b"\n")
+
+    def close(self) -> None:
+        self._handle.flush()
+
+
+def write_results(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
+    """Stream ``batches`` into ``path`` atomically; returns the number of rows written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed on success
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write results ({exc.strerror})") from None
+    temp = Path(handle.name)
+    rows = 0
+    try:
+        with handle:
+            writer = _open_writer(path.suffix.lower(), handle, schema)
+            for batch in batches:
+                writer.write(batch)
+                rows += batch.num_rows
+            writer.close()
+            handle.flush()
+            os.fsync(handle.fileno())
+        temp.chmod(0o644)
+        temp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise OutputError(f"{path}: cannot write results ({exc.strerror or exc})") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    return rows
+
+
+def _open_writer(suffix: str, handle: IO[bytes], schema: pa.Schema) -> _BatchWriter:
+    if suffix == ".parquet":
+        return pq.ParquetWriter(handle, schema)
+    if suffix == ".csv":
+        return pacsv.CSVWriter(handle, schema)
+    return _JsonlWriter(handle)
+

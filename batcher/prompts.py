@@ -1,0 +1,69 @@
+"""Turning input rows into chat messages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from batcher.config import PromptSpec
+
+# OpenAI counts TPM from "the character count of your request"; ~4 characters
+# per token is its own rule of thumb, plus a few tokens of framing per message.
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_REQUEST = 3
+
+
+@dataclass(slots=True)
+class RenderedRow:
+    position: int
+    messages: list[dict[str, str]] | None  # None when the row cannot be sent
+    prompt_tokens_estimate: int
+    problem: str | None = None  # why the row is not sent, as its results error
+
+
+class PromptRenderer:
+    """Builds each row's messages from a column or a ``{column}`` template."""
+
+    def __init__(self, spec: PromptSpec) -> None:
+        self._spec = spec
+        self._columns = spec.columns()
+
+    def render(self, batch: pa.RecordBatch, first_position: int) -> Iterator[RenderedRow]:
+        columns = {name: batch.column(name).to_pylist() for name in self._columns}
+        for offset in range(batch.num_rows):
+            values = {name: columns[name][offset] for name in self._columns}
+            position = first_position + offset
+            try:
+                prompt = self._prompt(values)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                yield RenderedRow(position, None, 0, f"prompt template failed: {exc}")
+                continue
+            if not prompt.strip():
+                yield RenderedRow(position, None, 0, "prompt is empty")
+                continue
+            messages = []
+            if self._spec.system:
+                messages.append({"role": "system", "content": self._spec.system})
+            messages.append({"role": "user", "content": prompt})
+            yield RenderedRow(position, messages, estimate_prompt_tokens(messages))
+
+    def _prompt(self, values: dict[str, Any]) -> str:
+        if self._spec.column is not None:
+            value = values[self._spec.column]
+            return "" if value is None else str(value)
+        assert self._spec.template is not None
+        return self._spec.template.format_map(
+            {name: "" if value is None else value for name, value in values.items()}
+        )
+
+
+def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    """The server-side TPM estimate of a request's input, from its characters."""
+    chars = sum(len(message["content"]) for message in messages)
+    return (math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
+            + TOKENS_PER_REQUEST)

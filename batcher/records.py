@@ -1,0 +1,61 @@
+"""The outcome of one input row: what the checkpoint stores and the results hold."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+@dataclass(slots=True)
+class RowResult:
+    """One row's outcome. Field order is the results file's column order."""
+
+    reply: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+    status: str
+    error: str | None
+    attempts: int
+    latency_s: float | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RowResult:
+        return cls(**{name: data.get(name) for name in RESULT_COLUMNS})
+
+    @classmethod
+    def failed(cls, reason: str, attempts: int) -> RowResult:
+        return cls(
+            reply=None,
+            finish_reason=None,
+            prompt_tokens=None,
+            completion_tokens=None,
+            total_tokens=None,
+            cached_tokens=None,
+            reasoning_tokens=None,
+            status=STATUS_ERROR,
+            error=reason,
+            attempts=attempts,
+            latency_s=None,
+        )
+
+
+RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RowResult))
+INTEGER_COLUMNS = frozenset(
+    {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
+     "attempts"}
+)
+FLOAT_COLUMNS = frozenset({"latency_s"})

@@ -1,0 +1,200 @@
+"""The OpenAI chat-completions wire format: request bodies, replies, errors.
+
+Pure functions over bytes and headers, no I/O, so every provider quirk is
+tested without a network. Errors are classified by HTTP status and the
+body's ``code``/``type`` only, never by message text, and the parser accepts
+the shapes real servers send: OpenAI's four-key error, Azure's string code
+and null type, vLLM's ``{"error": "Unauthorized"}`` and numeric codes,
+llama.cpp's ``{"detail": ...}``, and HTML pages from proxies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import orjson
+
+from batcher.errors import ApiError, Verdict
+
+# 429 codes/types that mean the account has no money or quota left: retrying
+# cannot help ("Retrying these errors won't restore access").
+QUOTA_CODES = frozenset({
+    "insufficient_quota",
+    "credit_balance_exhausted",
+    "organization_spend_limit_exceeded",
+    "project_spend_limit_exceeded",
+    "organization_usage_limit_exceeded",
+    "billing_hard_limit_reached",
+    "billing_not_active",
+    "access_terminated",
+})
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+ABORT_STATUSES = frozenset({401, 403})
+MAX_MESSAGE_CHARS = 300
+
+
+@dataclass(slots=True)
+class Completion:
+    reply: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+
+
+def request_body(model: str, messages: list[dict[str, str]], params: Mapping[str, Any]) -> bytes:
+    return orjson.dumps({"model": model, "messages": messages, **params})
+
+
+def parse_completion(body: bytes) -> Completion:
+    """Read a 200 response. A body that is not a usable chat completion is a
+    transient server fault (``ApiError`` with ``Verdict.RETRY``)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(Verdict.RETRY, "HTTP 200 with a malformed JSON body", status=200) from None
+    if not isinstance(data, dict):
+        raise ApiError(Verdict.RETRY, "HTTP 200 with a body that is not a JSON object", status=200)
+    if "error" in data:
+        error = describe_error(200, data)
+        raise ApiError(Verdict.RETRY, f"HTTP 200 carrying an error: {error.message}", status=200,
+                       code=error.code, type=error.type)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ApiError(Verdict.RETRY, "HTTP 200 with no choices in the body", status=200)
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise ApiError(Verdict.RETRY, "HTTP 200 with a choice that has no message", status=200)
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return Completion(
+        reply=_reply_text(message),
+        finish_reason=_text_or_none(choice.get("finish_reason")),
+        prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+        completion_tokens=_int_or_none(usage.get("completion_tokens")),
+        total_tokens=_int_or_none(usage.get("total_tokens")),
+        cached_tokens=_int_or_none(_nested(usage, "prompt_tokens_details", "cached_tokens")),
+        reasoning_tokens=_int_or_none(
+            _nested(usage, "completion_tokens_details", "reasoning_tokens")),
+    )
+
+
+def classify_error(status: int, body: bytes, headers: Mapping[str, str],
+                   *, now: float | None = None) -> ApiError:
+    """Decide what a non-200 response means for its row and for the run."""
+    try:
+        data: Any = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        data = None
+    error = describe_error(status, data)
+    if data is None and body:
+        content_type = headers.get("content-type", "unknown type").split(";")[0]
+        error.message = f"HTTP {status} with a non-JSON body ({content_type})"
+    error.request_id = headers.get("x-request-id") or headers.get("apim-request-id")
+    error.retry_after_s = parse_retry_after(headers, now=now)
+    markers = {value for value in (error.code, error.type) if value}
+    if status in ABORT_STATUSES or (status == 429 and markers & QUOTA_CODES):
+        error.verdict = Verdict.ABORT
+    elif status in RETRYABLE_STATUSES or status >= 500:
+        error.verdict = Verdict.RETRY
+    else:
+        error.verdict = Verdict.ROW_ERROR
+    return error
+
+
+def describe_error(status: int, data: Any) -> ApiError:
+    """Pull message, code and type out of any of the error shapes servers send."""
+    detail: Any = data
+    if isinstance(data, dict):
+        detail = data.get("error", data)
+    message: Any = None
+    code: Any = None
+    kind: Any = None
+    if isinstance(detail, dict):
+        message = detail.get("message") or detail.get("detail")
+        code = detail.get("code")
+        kind = detail.get("type")
+    elif isinstance(detail, str):
+        message = detail
+    if message is None and isinstance(data, dict):
+        message = data.get("detail") or data.get("message")
+    label = " ".join(str(part) for part in (code, kind) if part not in (None, ""))
+    prefix = f"HTTP {status}" + (f" {label}" if label else "")
+    text = one_line(str(message)) if message not in (None, "") else "no error message"
+    return ApiError(
+        Verdict.RETRY,
+        f"{prefix}: {text}",
+        status=status,
+        code=None if code is None else str(code),
+        type=None if kind is None else str(kind),
+    )
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms``, then ``retry-after``
+    as seconds or as an HTTP date."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            value = float(millis) / 1000
+            if value >= 0:
+                return value
+        except ValueError:
+            pass
+    seconds = headers.get("retry-after")
+    if not seconds:
+        return None
+    try:
+        value = float(seconds)
+        return value if value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(seconds).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= MAX_MESSAGE_CHARS else flat[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _reply_text(message: dict[str, Any]) -> str | None:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: keep the text ones
+        texts = [part.get("text", "") for part in content
+                 if isinstance(part, dict) and part.get("type") == "text"]
+        return "".join(texts) if texts else None
+    tool_calls = message.get("tool_calls")
+    if tool_calls:
+        return orjson.dumps(tool_calls).decode()
+    return None
+
+
+def _nested(data: dict[str, Any], outer: str, inner: str) -> Any:
+    block = data.get(outer)
+    return block.get(inner) if isinstance(block, dict) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

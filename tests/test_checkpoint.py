@@ -1,0 +1,77 @@
+"""The journal: append, reopen, torn lines, fingerprints, the lock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batcher.checkpoint import Checkpoint
+from batcher.errors import CheckpointError
+from batcher.records import RowResult
+
+
+def ok(reply: str) -> RowResult:
+    return RowResult(reply, "stop", 3, 2, 5, None, None, "ok", None, 1, 0.01)
+
+
+def test_rows_survive_reopen_and_latest_line_wins(tmp_path: Path) -> None:
+    path = tmp_path / "job.ckpt"
+    with Checkpoint(path, "fp") as checkpoint:
+        checkpoint.append(0, ok("zero"))
+        checkpoint.append(2, RowResult.failed("HTTP 500", 6))
+        checkpoint.append(2, ok("two, second try"))
+    with Checkpoint(path, "fp") as checkpoint:
+        assert checkpoint.is_done(0) and checkpoint.is_done(2) and not checkpoint.is_done(1)
+        results = checkpoint.read(range(4))
+        assert [r.reply if r else None for r in results] == [
+            "zero", None, "two, second try", None]
+        assert checkpoint.rows_recorded == 2
+
+
+def test_error_rows_are_recorded_but_not_done(tmp_path: Path) -> None:
+    path = tmp_path / "job.ckpt"
+    with Checkpoint(path, "fp") as checkpoint:
+        checkpoint.append(0, RowResult.failed("HTTP 400", 1))
+    with Checkpoint(path, "fp") as checkpoint:
+        assert checkpoint.has_outcome(0) and not checkpoint.is_done(0)
+
+
+def test_torn_last_line_is_cut_and_appends_stay_clean(tmp_path: Path) -> None:
+    path = tmp_path / "job.ckpt"
+    with Checkpoint(path, "fp") as checkpoint:
+        checkpoint.append(0, ok("zero"))
+        checkpoint.append(1, ok("one"))
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-7])  # a kill in the middle of writing row 1
+    with Checkpoint(path, "fp") as checkpoint:
+        assert checkpoint.is_done(0) and not checkpoint.is_done(1)
+        checkpoint.append(1, ok("one again"))
+    with Checkpoint(path, "fp") as checkpoint:
+        assert [r.reply for r in checkpoint.read(range(2)) if r] == ["zero", "one again"]
+
+
+def test_a_different_job_is_refused_and_fresh_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "job.ckpt"
+    with Checkpoint(path, "fp-one") as checkpoint:
+        checkpoint.append(0, ok("zero"))
+    with pytest.raises(CheckpointError, match="different job.*--fresh"):
+        Checkpoint(path, "fp-two")
+    with Checkpoint(path, "fp-two", fresh=True) as checkpoint:
+        assert not checkpoint.is_done(0)
+
+
+def test_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "job.ckpt"
+    path.write_text("hello\n")
+    with pytest.raises(CheckpointError, match="not a batcher checkpoint"):
+        Checkpoint(path, "fp")
+
+
+def test_second_open_is_locked_out_until_the_first_closes(tmp_path: Path) -> None:
+    path = tmp_path / "job.ckpt"
+    first = Checkpoint(path, "fp")
+    with pytest.raises(CheckpointError, match="another batcher run"):
+        Checkpoint(path, "fp")
+    first.close()
+    Checkpoint(path, "fp").close()
