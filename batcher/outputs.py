@@ -101,9 +101,12 @@ def write_results(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatc
 
 
 def _open_writer(suffix: str, handle: IO[bytes], schema: pa.Schema) -> _BatchWriter:
+    writer: _BatchWriter
     if suffix == ".parquet":
-        return pq.ParquetWriter(handle, schema)
-    if suffix == ".csv":
-        return pacsv.CSVWriter(handle, schema)
-    return _JsonlWriter(handle)
+        writer = pq.ParquetWriter(handle, schema)
+    elif suffix == ".csv":
+        writer = pacsv.CSVWriter(handle, schema)
+    else:
+        writer = _JsonlWriter(handle)
+    return writer
 

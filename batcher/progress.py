@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
@@ -74,7 +74,7 @@ class Progress:
         self._enabled = enabled
         self._log_every_s = log_every_s
         use_bar = self._stream.isatty() if bar is None else bar
-        self._bar: tqdm | None = None
+        self._bar: tqdm[Any] | None = None
         if enabled and use_bar:
             self._bar = tqdm(total=stats.total_rows, initial=stats.already_done, unit="row",
                              file=self._stream, dynamic_ncols=True, smoothing=0.05)

@@ -34,7 +34,8 @@ class RowResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RowResult:
-        return cls(**{name: data.get(name) for name in RESULT_COLUMNS})
+        values: dict[str, Any] = {name: data.get(name) for name in RESULT_COLUMNS}
+        return cls(**values)
 
     @classmethod
     def failed(cls, reason: str, attempts: int) -> RowResult:

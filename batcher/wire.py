@@ -72,7 +72,8 @@ def parse_completion(body: bytes) -> Completion:
     message = choice.get("message")
     if not isinstance(message, dict):
         raise ApiError(Verdict.RETRY, "HTTP 200 with a choice that has no message", status=200)
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    raw_usage = data.get("usage")
+    usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
     return Completion(
         reply=_reply_text(message),
         finish_reason=_text_or_none(choice.get("finish_reason")),

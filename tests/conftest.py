@@ -55,7 +55,8 @@ def prompts_csv(folder: Path, count: int, name: str = "prompts.csv") -> Path:
                      [[f"row{i:04d}", f"Prompt number {i}: say something."] for i in range(count)])
 
 
-def job_dict(base_url: str, input_path: Path, output_path: Path, **overrides: Any) -> dict[str, Any]:
+def job_dict(base_url: str, input_path: Path, output_path: Path,
+             **overrides: Any) -> dict[str, Any]:
     job: dict[str, Any] = {
         "name": "test-job",
         "input": {"path": str(input_path), "id_column": "id"},

@@ -55,7 +55,7 @@ def test_a_different_job_is_refused_and_fresh_starts_over(tmp_path: Path) -> Non
     path = tmp_path / "job.ckpt"
     with Checkpoint(path, "fp-one") as checkpoint:
         checkpoint.append(0, ok("zero"))
-    with pytest.raises(CheckpointError, match="different job.*--fresh"):
+    with pytest.raises(CheckpointError, match=r"different job.*--fresh"):
         Checkpoint(path, "fp-two")
     with Checkpoint(path, "fp-two", fresh=True) as checkpoint:
         assert not checkpoint.is_done(0)

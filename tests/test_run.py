@@ -196,7 +196,8 @@ def test_key_never_reaches_output_logs_or_checkpoint(tmp_path: Path, make_mock: 
     server = make_mock(api_key=TEST_KEY, echo_key_in_errors=True)
     source = write_csv(tmp_path / "in.csv", ["id", "text"],
                        [["a", "fine"], ["b", "[[fault:400]] echo"], ["c", "[[fault:500*1]] x"]])
-    job = write_job(tmp_path / "job.yaml", job_dict(server.base_url, source, tmp_path / "out.jsonl"))
+    job = write_job(tmp_path / "job.yaml",
+                    job_dict(server.base_url, source, tmp_path / "out.jsonl"))
     result = run_cli("run", str(job))
     assert result.returncode == 1, result.stderr
     wrong = run_cli("run", str(tmp_path / "job.yaml"), "--fresh",

@@ -23,6 +23,8 @@ from .sleeper import Sleeper
 from .stats import MockStats
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+"""aiohttp's 1 MiB default would refuse long prompts that a real API accepts."""
 
 
 class MockState:
@@ -128,13 +130,16 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         return response
     stats = request.app[STATE].stats
     stats.request_started(request.path_qs, request.headers)
-    status: int | None = None
+    status: int | None = None  # stays None when no response is sent (dropped or cancelled)
     try:
         response = await handler(request)
         if not isinstance(response, _Dropped):
             status = response.status
             response.headers["x-request-id"] = new_request_id()
         return response
+    except Exception:
+        status = 500  # aiohttp answers a handler's exception with a 500
+        raise
     finally:
         stats.request_finished(status)
 
@@ -245,7 +250,7 @@ async def _wake_sleepers(app: web.Application) -> None:
 
 def build_app(config: MockConfig, stats: MockStats) -> web.Application:
     """The mock's aiohttp application, sharing ``stats`` with whoever started it."""
-    app = web.Application(middlewares=[_observe])
+    app = web.Application(middlewares=[_observe], client_max_size=_MAX_BODY_BYTES)
     app[STATE] = MockState(config, stats)
     app.on_shutdown.append(_wake_sleepers)
     router = app.router

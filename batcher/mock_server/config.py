@@ -70,9 +70,12 @@ def check_loopback(host: str) -> None:
 class FaultRule:
     """Inject ``kind`` into requests that pass the key check.
 
-    ``first_n`` faults the first N such requests (counted from server start or
-    the last ``/_mock/reset``); ``rate`` then faults each later request with
-    that probability, drawn from the server's seeded RNG.
+    More exactly, into requests that pass the key check, body validation and
+    any rate limit: those are the requests counted here. ``first_n`` faults the
+    first N of them (counted from server start or the last ``/_mock/reset``);
+    ``rate`` faults each request with that probability, drawn from the
+    server's seeded RNG. A ``[[fault:...]]`` marker in the prompt wins over
+    every rule.
     """
 
     kind: str

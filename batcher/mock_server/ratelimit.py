@@ -21,7 +21,7 @@ RATE_LIMITS_URL = "https://platform.openai.com/account/rate-limits"
 def go_duration(seconds: float) -> str:
     """Format like Go's ``time.Duration``, as OpenAI's reset headers do (``6m0s``, ``120ms``).
 
-    Rounded up to whole milliseconds so a positive wait never reads ``0s``.
+    Rounded up to whole milliseconds, so any wait of a nanosecond or more never reads ``0s``.
     """
     ms = math.ceil(seconds * 1000 - 1e-6) if seconds > 0 else 0
     if ms <= 0:

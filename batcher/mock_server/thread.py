@@ -112,8 +112,9 @@ class MockServer:
         bound.wait()
         if self._port is None:
             self._thread.join()
-            self._thread = None
-            raise RuntimeError("mock server failed to start") from self._error
+            error = self._error
+            self._thread = self._loop = self._stop = self._error = None
+            raise RuntimeError("mock server failed to start") from error
         return self
 
     def stop(self) -> None:
