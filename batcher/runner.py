@@ -56,6 +56,29 @@ from batcher.wire import request_body
 FINGERPRINT_VERSION = 1
 
 
+class RunControl:
+    """Lets code outside the run's event loop (a notebook's main thread, say)
+    ask the run to stop, exactly as Ctrl-C would."""
+
+    def __init__(self) -> None:
+        self._run: Run | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_before_start: int | None = None
+
+    def attach(self, run: Run, loop: asyncio.AbstractEventLoop) -> None:
+        self._run, self._loop = run, loop
+        if self._stop_before_start is not None:
+            run.request_stop(self._stop_before_start)
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Thread-safe: graceful on the first call, immediate on the second."""
+        if self._run is None or self._loop is None:
+            self._stop_before_start = signum
+            return
+        with contextlib.suppress(RuntimeError):  # the loop already closed: nothing to stop
+            self._loop.call_soon_threadsafe(self._run.request_stop, signum)
+
+
 @dataclass(frozen=True)
 class RunOptions:
     fresh: bool = False
@@ -64,6 +87,7 @@ class RunOptions:
     bar: bool | None = None  # None: a bar only on a terminal
     grace_s: float = 10.0  # how long in-flight requests may finish after a stop request
     handle_signals: bool = True  # only possible from the main thread
+    control: RunControl | None = None
 
 
 @dataclass
@@ -252,6 +276,8 @@ class Run:
     async def execute(self) -> RunReport:
         """Send every pending row, then write the results (raises on abort/stop)."""
         self._stop_event = asyncio.Event()
+        if self._options.control is not None:
+            self._options.control.attach(self, asyncio.get_running_loop())
         self._progress = Progress(self.stats, enabled=self._options.progress,
                                   bar=self._options.bar)
         try:

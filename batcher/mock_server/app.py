@@ -137,8 +137,11 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
             status = response.status
             response.headers["x-request-id"] = new_request_id()
         return response
+    except web.HTTPException as exc:  # e.g. 413 from request.read() on a huge body
+        status = exc.status
+        raise
     except Exception:
-        status = 500  # aiohttp answers a handler's exception with a 500
+        status = 500  # aiohttp answers any other exception with a 500
         raise
     finally:
         stats.request_finished(status)

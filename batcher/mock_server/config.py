@@ -96,10 +96,19 @@ class FaultRule:
 class MockConfig:
     """How the mock server behaves; every default gives a plain, fast server.
 
-    Rate limits are enforced per ``window_s``: each window admits at most
-    ``requests_per_minute * window_s / 60`` requests and
-    ``tokens_per_minute * window_s / 60`` tokens. ``window_s=1`` reproduces
-    OpenAI's habit of enforcing "60,000 RPM" as 1,000 requests per second.
+    * ``latency_s``: added before the reply to every admitted request;
+      401/400/429 refusals come back at once, as from a real gateway.
+    * ``api_key``: when set, required as ``Authorization: Bearer``, ``api-key``
+      or ``X-Api-Key``. ``echo_key_in_errors`` makes the 401 show the full key
+      sent (instead of OpenAI's mask) and appends it to every other JSON error
+      message, to test that a client redacts echoed secrets.
+    * Rate limits are enforced per ``window_s``: each sliding window admits at
+      most ``requests_per_minute * window_s / 60`` requests and
+      ``tokens_per_minute * window_s / 60`` tokens. ``window_s=1`` reproduces
+      OpenAI's habit of enforcing "60,000 RPM" as 1,000 requests per second.
+    * ``fault_retry_after_s``: the wait advertised by the ``429``, ``503`` and
+      ``azure_429`` faults (``retry-after-ms``, and ``retry-after`` rounded up).
+    * ``model_name``: the ``model`` echoed in replies; default: the request's.
     """
 
     host: str = "127.0.0.1"
