@@ -108,5 +108,10 @@ def mock_server(port: int, latency_s: float, api_key_env: str | None, rpm: int |
             click.echo(f"batcher: error: --api-key-env: environment variable {api_key_env} "
                        "is not set", err=True)
             sys.exit(2)
-    serve_forever(MockConfig(port=port, latency_s=latency_s, api_key=key,
-                             requests_per_minute=rpm, tokens_per_minute=tpm, window_s=window_s))
+    try:
+        serve_forever(MockConfig(port=port, latency_s=latency_s, api_key=key,
+                                 requests_per_minute=rpm, tokens_per_minute=tpm,
+                                 window_s=window_s))
+    except (ValueError, OSError) as error:  # a bad flag combination, or the port is taken
+        click.echo(f"batcher: error: mock-server: {error}", err=True)
+        sys.exit(2)

@@ -22,6 +22,7 @@ from batcher.errors import ConfigError
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
 # Request fields batcher owns: a job may not override them through params.
@@ -71,9 +72,35 @@ class MockSpec(_Spec):
     seed: int = 0
 
 
+class AuthSpec(_Spec):
+    """How the key travels: ``Authorization: Bearer`` unless one of these is set."""
+
+    header: str | None = None  # e.g. api-key (Azure), X-Api-Key
+    query: str | None = None  # e.g. api_key, for gateways that take the key in the URL
+
+    @model_validator(mode="after")
+    def _one_way(self) -> AuthSpec:
+        if self.header is not None and self.query is not None:
+            raise ValueError("set at most one of auth.header and auth.query")
+        for name in (self.header, self.query):
+            if name is not None and not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"'{name}' is not a valid header or parameter name")
+        return self
+
+
+class AzureSpec(_Spec):
+    """Azure OpenAI's classic URL shape: the deployment in the path, a dated api-version."""
+
+    deployment: str = Field(min_length=1)
+    api_version: str = Field(min_length=1)
+
+
 class EndpointSpec(_Spec):
     base_url: str | None = None
     api_key_env: str | None = None
+    auth: AuthSpec | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    azure: AzureSpec | None = None
     timeout_s: PositiveFloat = 120.0
     allow_insecure_http: bool = False
     mock: MockSpec | None = None
@@ -88,6 +115,14 @@ class EndpointSpec(_Spec):
                                                              self.api_key_env):
             raise ValueError("api_key_env: must be the name of an environment variable, "
                              "not the key itself")
+        if self.auth is not None and self.api_key_env is None:
+            raise ValueError("auth: says how to send a key, so endpoint.api_key_env must "
+                             "name the variable that holds it")
+        for name in self.headers:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"headers: '{name}' is not a valid header name")
+        if self.azure is not None and self.mock is not None:
+            raise ValueError("azure: cannot be combined with endpoint.mock")
         return self
 
 

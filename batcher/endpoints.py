@@ -10,10 +10,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from batcher.client import Endpoint
-from batcher.config import EndpointSpec
+from batcher.config import AuthSpec, EndpointSpec
 from batcher.errors import ConfigError
 from batcher.redact import Redactor, redact_url
 
@@ -28,20 +28,35 @@ def resolve_endpoint(spec: EndpointSpec, *, base_url: str | None = None,
     server on a port it picks).
     """
     environ = os.environ if environ is None else environ
-    url = (base_url or spec.base_url or "").rstrip("/")
+    root = (base_url or spec.base_url or "").rstrip("/")
     key: str | None = None
     if spec.api_key_env is not None:
         key = environ.get(spec.api_key_env, "").strip()
         if not key:
             raise ConfigError(f"endpoint.api_key_env: environment variable {spec.api_key_env} "
                               f"is not set (export {spec.api_key_env}=... before running)")
-        if not spec.allow_insecure_http and not is_safe_for_secrets(url):
+        if not spec.allow_insecure_http and not is_safe_for_secrets(root):
             raise ConfigError(
-                f"endpoint.base_url: {redact_url(url)} is plain http:// to a host other than "
+                f"endpoint.base_url: {redact_url(root)} is plain http:// to a host other than "
                 "this machine, so the key would cross the network unencrypted; use https:// "
                 "or set endpoint.allow_insecure_http: true")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    endpoint = Endpoint(url=f"{url}/chat/completions", headers=headers, timeout_s=spec.timeout_s)
+    if spec.azure is not None:
+        path = f"{root}/openai/deployments/{quote(spec.azure.deployment, safe='')}/chat/completions"
+        query: dict[str, str] = {"api-version": spec.azure.api_version}
+    else:
+        path = f"{root}/chat/completions"
+        query = {}
+    headers = dict(spec.headers)
+    if key:
+        auth = spec.auth or AuthSpec(header="api-key" if spec.azure is not None else None)
+        if auth.query is not None:
+            query[auth.query] = key
+        elif auth.header is not None:
+            headers[auth.header] = key
+        else:
+            headers["Authorization"] = f"Bearer {key}"
+    url = f"{path}?{urlencode(query)}" if query else path
+    endpoint = Endpoint(url=url, headers=headers, timeout_s=spec.timeout_s)
     return endpoint, Redactor([key] if key else [])
 
 

@@ -13,17 +13,20 @@ STATUS_ERROR = "error"
 class RowResult:
     """One row's outcome. Field order is the results file's column order."""
 
+    # The contract's columns, in its order ...
     reply: str | None
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
-    cached_tokens: int | None
-    reasoning_tokens: int | None
     status: str
     error: str | None
     attempts: int
     latency_s: float | None
+    # ... then what some servers add.
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    refusal: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -45,8 +48,6 @@ class RowResult:
             prompt_tokens=None,
             completion_tokens=None,
             total_tokens=None,
-            cached_tokens=None,
-            reasoning_tokens=None,
             status=STATUS_ERROR,
             error=reason,
             attempts=attempts,

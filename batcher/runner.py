@@ -48,7 +48,7 @@ from batcher.outputs import attach_results, results_schema, write_results
 from batcher.pricing import price_for
 from batcher.progress import Progress, RunStats
 from batcher.prompts import PromptRenderer
-from batcher.records import RESULT_COLUMNS, RowResult
+from batcher.records import RESULT_COLUMNS, STATUS_OK, RowResult
 from batcher.redact import Redactor
 from batcher.retry import RetryPolicy
 from batcher.wire import request_body
@@ -413,7 +413,8 @@ class Run:
                 total_tokens=completion.total_tokens,
                 cached_tokens=completion.cached_tokens,
                 reasoning_tokens=completion.reasoning_tokens,
-                status="ok",
+                refusal=completion.refusal,
+                status=STATUS_OK,
                 error=None,
                 attempts=attempts,
                 latency_s=round(response.latency_s, 4),

@@ -46,6 +46,7 @@ class Completion:
     total_tokens: int | None
     cached_tokens: int | None
     reasoning_tokens: int | None
+    refusal: str | None
 
 
 def request_body(model: str, messages: list[dict[str, str]], params: Mapping[str, Any]) -> bytes:
@@ -83,6 +84,7 @@ def parse_completion(body: bytes) -> Completion:
         cached_tokens=_int_or_none(_nested(usage, "prompt_tokens_details", "cached_tokens")),
         reasoning_tokens=_int_or_none(
             _nested(usage, "completion_tokens_details", "reasoning_tokens")),
+        refusal=_text_or_none(message.get("refusal")),
     )
 
 

@@ -12,7 +12,7 @@ from batcher.records import RowResult
 
 
 def ok(reply: str) -> RowResult:
-    return RowResult(reply, "stop", 3, 2, 5, None, None, "ok", None, 1, 0.01)
+    return RowResult(reply, "stop", 3, 2, 5, "ok", None, 1, 0.01)
 
 
 def test_rows_survive_reopen_and_latest_line_wins(tmp_path: Path) -> None:

@@ -42,8 +42,10 @@ class MockState:
         self.planner = FaultPlanner(config.faults, config.seed)
         self.sleeper = Sleeper()
 
-    def check_key(self, headers: Mapping[str, str]) -> tuple[bool, str | None]:
-        """Accept ``Authorization: Bearer``, Azure's ``api-key`` or ``X-Api-Key``.
+    def check_key(self, headers: Mapping[str, str],
+                  query: Mapping[str, str]) -> tuple[bool, str | None]:
+        """Accept ``Authorization: Bearer``, Azure's ``api-key``, ``X-Api-Key``, or
+        an ``api_key`` query parameter (as some gateways take it).
 
         Returns whether the key matched and the key that was sent (first style
         found), which a 401 message masks or, for leak tests, echoes.
@@ -54,7 +56,8 @@ class MockState:
             scheme, _, token = auth.partition(" ")
             if scheme.lower() == "bearer":
                 sent.append(token.strip())
-        sent.extend(v for v in (headers.get("api-key"), headers.get("X-Api-Key")) if v is not None)
+        sent.extend(v for v in (headers.get("api-key"), headers.get("X-Api-Key"),
+                                query.get("api_key")) if v is not None)
         expected = self.config.api_key
         if expected is None:
             return True, sent[0] if sent else None
@@ -160,7 +163,7 @@ async def _chat(request: web.Request, deployment: str | None) -> web.Response:
 
     limiter = state.limiter
     now = time.monotonic()
-    key_ok, sent_key = state.check_key(request.headers)
+    key_ok, sent_key = state.check_key(request.headers, request.query)
     echo = sent_key if config.echo_key_in_errors else None
     if not key_ok:
         body = invalid_key_body(sent_key, echo=config.echo_key_in_errors)
@@ -218,7 +221,7 @@ async def _azure_deployment(request: web.Request) -> web.Response:
 
 async def _models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    key_ok, sent_key = state.check_key(request.headers)
+    key_ok, sent_key = state.check_key(request.headers, request.query)
     if not key_ok:
         body = invalid_key_body(sent_key, echo=state.config.echo_key_in_errors)
         return _respond(Reply(401, body), {})
