@@ -136,6 +136,8 @@ class RetrySpec(_Spec):
     max_attempts: PositiveInt = 6
     base_delay_s: PositiveFloat = 0.5
     max_delay_s: PositiveFloat = 60.0
+    # Rows in a row failing the same way: the input is not at fault row by row.
+    stop_after_identical_failures: PositiveInt = 20
 
 
 class OutputSpec(_Spec):

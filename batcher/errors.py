@@ -9,7 +9,7 @@ are translated into these at one boundary each, never by matching text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -83,9 +83,19 @@ class ApiError(Exception):
     type: str | None = None
     request_id: str | None = None
     retry_after_s: float | None = None
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # for rate-limit state
 
     def __str__(self) -> str:
         return self.message
+
+    @property
+    def signature(self) -> str:
+        """What makes two failures "the same": status, code and type, or the
+        kind of transport failure (the text before the first colon)."""
+        if self.status is None:
+            return self.message.split(":", 1)[0]
+        return " ".join(str(part) for part in (f"HTTP {self.status}", self.code, self.type)
+                        if part)
 
     @property
     def is_rate_limit(self) -> bool:

@@ -35,3 +35,26 @@ class RetryPolicy:
             return error.retry_after_s * (1 + 0.2 * rng.random())
         cap = min(self.max_delay_s, self.base_delay_s * 2 ** (attempts_made - 1))
         return rng.uniform(0, cap)
+
+
+class FailureStreak:
+    """Trips when ``limit`` rows in a row fail with the same error signature.
+
+    One bad row is the row's problem; twenty identical failures in a row
+    (every request a 400 for an unknown parameter, a server that is down)
+    are the job's, and going on would burn through the whole input.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.signature: str | None = None
+        self.count = 0
+
+    def record(self, signature: str | None) -> bool:
+        """Note one finished row (``None`` for a success); True when tripped."""
+        if signature is None or signature != self.signature:
+            self.signature = signature
+            self.count = 0 if signature is None else 1
+        else:
+            self.count += 1
+        return self.count >= self.limit

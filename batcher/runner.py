@@ -50,8 +50,8 @@ from batcher.progress import Progress, RunStats
 from batcher.prompts import PromptRenderer
 from batcher.records import RESULT_COLUMNS, STATUS_OK, RowResult
 from batcher.redact import Redactor
-from batcher.retry import RetryPolicy
-from batcher.wire import request_body
+from batcher.retry import FailureStreak, RetryPolicy
+from batcher.wire import parse_rate_limits, request_body
 
 FINGERPRINT_VERSION = 1
 
@@ -263,6 +263,7 @@ class Run:
                                     self.job.limits.tokens_per_minute,
                                     runtime.clock, runtime.sleep)
         self._output_estimate = OutputEstimate()
+        self._streak = FailureStreak(self.job.retry.stop_after_identical_failures)
         self.stats = RunStats(total_rows=prepared.row_count,
                               already_done=checkpoint.count_done(prepared.row_count))
         self._progress: Progress | None = None
@@ -368,12 +369,21 @@ class Run:
         while (item := await queue.get()) is not _DONE:
             if self._stopping:
                 continue  # drain without sending: the next run picks these rows up
-            result = await self._attempt_row(item, client)
-            if result is not None:
-                self._finish(item.position, result)
+            outcome = await self._attempt_row(item, client)
+            if outcome is None:
+                continue
+            result, failure = outcome
+            self._finish(item.position, result)
+            if self._streak.record(failure.signature if failure else None):
+                raise RunAborted(
+                    f"stopped after {self._streak.count} rows in a row failed the same way "
+                    f"({failure.message if failure else ''}); fix the job and run again, the "
+                    "checkpoint is kept (retry.stop_after_identical_failures sets the count)")
 
-    async def _attempt_row(self, item: _WorkItem, client: ChatClient) -> RowResult | None:
-        """Send one row until it succeeds, fails for good, or the run stops (None)."""
+    async def _attempt_row(self, item: _WorkItem, client: ChatClient
+                           ) -> tuple[RowResult, ApiError | None] | None:
+        """Send one row until it succeeds, fails for good (with the last error),
+        or the run stops (None)."""
         max_output = self.job.max_output_tokens
         n_choices = int(self.job.params.get("n", 1) or 1)
         attempts = 0
@@ -388,18 +398,21 @@ class Run:
             try:
                 response = await client.complete(item.body)
             except ApiError as error:
+                self._limiter.observe(parse_rate_limits(error.headers), reservation.tokens)
                 if error.verdict is Verdict.ABORT:
                     raise RunAborted(f"the server refused the run: {error.message}; the "
                                      "checkpoint is kept, fix the cause and run again") from None
                 if error.is_rate_limit:
                     self.stats.rate_limited += 1
+                    self._limiter.on_rate_limited()
                 delay = self._policy.delay_before_retry(attempts, error, self._runtime.rng)
                 if delay is None:
-                    return RowResult.failed(error.message, attempts)
+                    return RowResult.failed(error.message, attempts), error
                 await self._runtime.sleep(delay)
                 if self._stopping:
                     return None
                 continue
+            self._limiter.observe(parse_rate_limits(response.headers), reservation.tokens)
             completion = response.completion
             if completion.completion_tokens is not None:
                 self._output_estimate.observe(completion.completion_tokens)
@@ -418,7 +431,7 @@ class Run:
                 error=None,
                 attempts=attempts,
                 latency_s=round(response.latency_s, 4),
-            )
+            ), None
 
     def _finish(self, position: int, result: RowResult) -> None:
         self._checkpoint.append(position, result)

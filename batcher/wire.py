@@ -10,6 +10,7 @@ llama.cpp's ``{"detail": ...}``, and HTML pages from proxies.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str],
     if data is None and body:
         content_type = headers.get("content-type", "unknown type").split(";")[0]
         error.message = f"HTTP {status} with a non-JSON body ({content_type})"
+    error.headers = dict(headers)
     error.request_id = headers.get("x-request-id") or headers.get("apim-request-id")
     error.retry_after_s = parse_retry_after(headers, now=now)
     markers = {value for value in (error.code, error.type) if value}
@@ -163,6 +165,79 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     except (TypeError, ValueError, IndexError):
         return None
     return max(0.0, when - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What the server said about its rate limits on one response (None: not sent)."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(value is not None for value in (
+            self.limit_requests, self.remaining_requests, self.limit_tokens,
+            self.remaining_tokens))
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6,
+                   "ns": 1e-9}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a Go-style duration (``6m0s``, ``1.5s``, ``120ms``, ``23h47m36.648s``);
+    a bare number is seconds (Azure's older ``x-rate-limit-reset-tokens: 55``)."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+        return value if value >= 0 else None
+    except ValueError:
+        pass
+    position = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            return None
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    return total if position == len(text) and position > 0 else None
+
+
+def parse_rate_limits(headers: Mapping[str, str]) -> ServerLimits:
+    """Read ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (lower-case keys).
+
+    Negative values (Azure sends ``-1`` when it does not track a limit) count as absent.
+    """
+    def count(name: str) -> int | None:
+        raw = headers.get(name)
+        if raw is None:
+            return None
+        try:
+            value = int(float(raw))
+        except ValueError:
+            return None
+        return value if value >= 0 else None
+
+    def duration(name: str) -> float | None:
+        raw = headers.get(name)
+        return None if raw is None else parse_duration(raw)
+
+    return ServerLimits(
+        limit_requests=count("x-ratelimit-limit-requests"),
+        remaining_requests=count("x-ratelimit-remaining-requests"),
+        reset_requests_s=duration("x-ratelimit-reset-requests"),
+        limit_tokens=count("x-ratelimit-limit-tokens"),
+        remaining_tokens=count("x-ratelimit-remaining-tokens"),
+        reset_tokens_s=duration("x-ratelimit-reset-tokens"),
+    )
 
 
 def one_line(text: str) -> str:

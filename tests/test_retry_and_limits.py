@@ -9,7 +9,14 @@ import pytest
 
 from batcher.errors import ApiError, Verdict
 from batcher.limits import OutputEstimate, RateLimiter
-from batcher.retry import RetryPolicy
+from batcher.retry import FailureStreak, RetryPolicy
+from batcher.wire import ServerLimits, parse_rate_limits
+
+
+class ExactLimiter(RateLimiter):
+    """Paces at exactly the limit, so the arithmetic below stays readable."""
+
+    PACE_FRACTION = 1.0
 
 
 class FakeTime:
@@ -64,7 +71,7 @@ def run(coro: object) -> object:
 
 def test_requests_are_paced_evenly_from_the_first_one() -> None:
     time = FakeTime()
-    limiter = RateLimiter(requests_per_minute=600, tokens_per_minute=None,
+    limiter = ExactLimiter(requests_per_minute=600, tokens_per_minute=None,
                           clock=time.clock, sleep=time.sleep)
 
     async def send(count: int) -> list[float]:
@@ -81,7 +88,7 @@ def test_requests_are_paced_evenly_from_the_first_one() -> None:
 
 def test_token_limit_spaces_by_size_and_a_huge_request_waits_instead_of_failing() -> None:
     time = FakeTime()
-    limiter = RateLimiter(requests_per_minute=None, tokens_per_minute=6000,
+    limiter = ExactLimiter(requests_per_minute=None, tokens_per_minute=6000,
                           clock=time.clock, sleep=time.sleep)  # 100 tokens per second
 
     async def scenario() -> list[float]:
@@ -97,7 +104,7 @@ def test_token_limit_spaces_by_size_and_a_huge_request_waits_instead_of_failing(
 
 def test_settle_returns_unused_tokens_and_charges_overruns() -> None:
     time = FakeTime()
-    limiter = RateLimiter(requests_per_minute=None, tokens_per_minute=6000,
+    limiter = ExactLimiter(requests_per_minute=None, tokens_per_minute=6000,
                           clock=time.clock, sleep=time.sleep)
 
     async def scenario() -> float:
@@ -120,7 +127,7 @@ def test_settle_returns_unused_tokens_and_charges_overruns() -> None:
 
 def test_idle_time_does_not_build_a_burst() -> None:
     time = FakeTime()
-    limiter = RateLimiter(requests_per_minute=60, tokens_per_minute=None,
+    limiter = ExactLimiter(requests_per_minute=60, tokens_per_minute=None,
                           clock=time.clock, sleep=time.sleep)
 
     async def scenario() -> list[float]:
@@ -141,3 +148,94 @@ def test_output_estimate_follows_observed_completions() -> None:
     for _ in range(200):
         estimate.observe(40)
     assert estimate.value == 40
+
+
+def test_pace_keeps_a_safety_margin_below_the_limit() -> None:
+    time = FakeTime()
+    limiter = RateLimiter(requests_per_minute=6000, tokens_per_minute=None,
+                          clock=time.clock, sleep=time.sleep)
+    assert limiter.rate_per_minute("requests") == pytest.approx(6000 * RateLimiter.PACE_FRACTION)
+    assert 0.97 <= RateLimiter.PACE_FRACTION < 1
+
+
+def test_limits_are_learned_from_headers_but_never_above_the_job() -> None:
+    time = FakeTime()
+    unlimited = ExactLimiter(None, None, clock=time.clock, sleep=time.sleep)
+    assert unlimited.requests is None
+    unlimited.observe(ServerLimits(limit_requests=3000, limit_tokens=90_000), 10)
+    assert unlimited.rate_per_minute("requests") == 3000
+    assert unlimited.rate_per_minute("tokens") == 90_000
+    capped = ExactLimiter(600, None, clock=time.clock, sleep=time.sleep)
+    capped.observe(ServerLimits(limit_requests=10_000), 10)
+    assert capped.rate_per_minute("requests") == 600  # the job's limit wins when lower
+    capped.observe(ServerLimits(limit_requests=300), 10)
+    assert capped.rate_per_minute("requests") == 300  # the server's, when lower
+
+
+def test_low_remaining_headroom_holds_sends_until_refilled() -> None:
+    time = FakeTime()
+    limiter = ExactLimiter(None, 6000, clock=time.clock, sleep=time.sleep)  # 100 tok/s
+
+    async def scenario() -> float:
+        await limiter.acquire(100)
+        time.now += 30  # idle: our own accounting says the next request may go at once
+        # ... but the server has only 20 tokens left (another client shares the key).
+        limiter.observe(ServerLimits(remaining_tokens=20, reset_tokens_s=5.0), next_tokens=100)
+        await limiter.acquire(100)
+        return time.now
+
+    # It needs 80 more tokens at 100/s: 0.8 s, sooner than the full reset in 5 s.
+    assert run(scenario()) == pytest.approx(1030.8)
+
+
+def test_headroom_without_a_known_rate_waits_for_the_reset() -> None:
+    time = FakeTime()
+    limiter = ExactLimiter(None, None, clock=time.clock, sleep=time.sleep)
+
+    async def scenario() -> float:
+        limiter.observe(ServerLimits(remaining_requests=0, reset_requests_s=0.25), 10)
+        await limiter.acquire(10)
+        return time.now
+
+    assert run(scenario()) == pytest.approx(1000.25)
+
+
+def test_a_429_cuts_the_pace_once_per_burst_and_it_recovers() -> None:
+    time = FakeTime()
+    limiter = ExactLimiter(6000, None, clock=time.clock, sleep=time.sleep)
+    for _ in range(10):  # ten 429s from one window count as one
+        limiter.on_rate_limited()
+    assert limiter.factor == pytest.approx(RateLimiter.DECREASE)
+    assert limiter.rate_per_minute("requests") == pytest.approx(6000 * RateLimiter.DECREASE)
+    time.now += 2.0
+    limiter.on_rate_limited()
+    assert limiter.factor == pytest.approx(
+        (RateLimiter.DECREASE + 2 * RateLimiter.RECOVERY_PER_S) * RateLimiter.DECREASE)
+    time.now += 60
+
+    async def one() -> None:
+        await limiter.acquire(1)
+
+    run(one())
+    assert limiter.factor == 1.0 and limiter.rate_per_minute("requests") == 6000
+
+
+def test_header_parsing() -> None:
+    limits = parse_rate_limits({
+        "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+        "x-ratelimit-reset-requests": "1s", "x-ratelimit-limit-tokens": "150000",
+        "x-ratelimit-remaining-tokens": "149984", "x-ratelimit-reset-tokens": "6m0s"})
+    assert limits == ServerLimits(60, 59, 1.0, 150000, 149984, 360.0)
+    azure = parse_rate_limits({"x-ratelimit-remaining-requests": "79",
+                               "x-ratelimit-limit-tokens": "-1"})
+    assert azure == ServerLimits(remaining_requests=79)
+    assert not parse_rate_limits({}).any
+
+
+def test_failure_streak_trips_on_identical_failures_only() -> None:
+    streak = FailureStreak(3)
+    assert not streak.record("HTTP 400") and not streak.record("HTTP 400")
+    assert not streak.record(None)  # a success resets
+    assert not streak.record("HTTP 400") and not streak.record("HTTP 404")
+    assert not streak.record("HTTP 404")
+    assert streak.record("HTTP 404")
