@@ -5,7 +5,7 @@ finished row, ``{"i": position, ...RowResult}``, written with a single
 ``os.write`` the moment its response is parsed, so a SIGKILL loses at most
 the requests still in flight. On open, a torn last line (a kill mid-write)
 is cut off, and an in-memory index of where each row's latest line lives
-(12 bytes a row) lets the final results be written in input order by
+(13 bytes a row) lets the final results be written in input order by
 reading lines back one batch at a time, never the whole journal at once.
 
 A lock file held with ``flock`` stops a second run of the same job; the
@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from array import array
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from batcher.errors import CheckpointError, OutputError
@@ -28,7 +29,14 @@ from batcher.records import STATUS_OK, RowResult
 
 FORMAT_VERSION = 1
 _STATE_NONE, _STATE_OK, _STATE_ERROR = 0, 1, 2
-_READ_CHUNK = 1 << 20
+_READ_CHUNK = 4 << 20
+_NEWLINE = 10
+_LINE_HEAD = re.compile(rb'\{"i":\d{1,18},"status":"(ok|error)",')
+_POSITION_PREFIX = np.frombuffer(b'{"i":', dtype=np.uint8)
+_STATUS_OK = np.frombuffer(b',"status":"ok",', dtype=np.uint8)
+_STATUS_ERROR = np.frombuffer(b',"status":"erro', dtype=np.uint8)
+_MAX_DIGITS = 18
+_HEAD_WINDOW = 48  # bytes of each line's head that hold the position and status
 
 
 class Checkpoint:
@@ -42,10 +50,7 @@ class Checkpoint:
             if fresh:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-            self._offsets = array("q")
-            self._lengths = array("i")
-            self._states = bytearray()
-            self.rows_recorded = 0
+            self._index = _RowIndex()
             self._fd = self._open()
         except BaseException:
             os.close(self._lock_fd)
@@ -53,33 +58,36 @@ class Checkpoint:
 
     # -- queries ----------------------------------------------------------------------------
 
+    @property
+    def rows_recorded(self) -> int:
+        return self._index.rows_recorded()
+
     def is_done(self, position: int) -> bool:
         """True when the row's latest outcome is ``ok``: it is never sent again."""
-        return position < len(self._states) and self._states[position] == _STATE_OK
+        return self._index.state(position) == _STATE_OK
 
-    def has_outcome(self, position: int) -> bool:
-        return position < len(self._states) and self._states[position] != _STATE_NONE
-
-    def count_done(self, limit: int | None = None) -> int:
-        states = self._states if limit is None else self._states[:limit]
-        return states.count(_STATE_OK)
+    def count_done(self, start: int, stop: int) -> int:
+        """How many rows in ``range(start, stop)`` are done."""
+        return self._index.count_ok(start, stop)
 
     def read(self, positions: range) -> list[RowResult | None]:
         """The latest outcome of each row in ``positions`` (None where there is none)."""
         results: list[RowResult | None] = []
         for position in positions:
-            if not self.has_outcome(position):
+            location = self._index.location(position)
+            if location is None:
                 results.append(None)
                 continue
-            line = os.pread(self._fd, self._lengths[position], self._offsets[position])
-            results.append(RowResult.from_dict(orjson.loads(line)))
+            offset, length = location
+            results.append(RowResult.from_dict(orjson.loads(os.pread(self._fd, length, offset))))
         return results
 
     # -- writing ----------------------------------------------------------------------------
 
     def append(self, position: int, result: RowResult) -> None:
         """Record one finished row, durably enough to survive a kill of this process."""
-        record: dict[str, Any] = {"i": position}
+        # "i" and "status" lead every line, so reopening needs no full JSON parse.
+        record: dict[str, Any] = {"i": position, "status": result.status}
         record.update(result.to_dict())
         line = orjson.dumps(record) + b"\n"
         offset = os.lseek(self._fd, 0, os.SEEK_END)
@@ -91,7 +99,7 @@ class Checkpoint:
         if written != len(line):
             # A short write (disk full) leaves a torn line that the next open cuts off.
             raise OutputError(f"{self.path}: cannot write the checkpoint (disk full?)")
-        self._index(position, offset, len(line) - 1, result.status == STATUS_OK)
+        self._index.set(position, offset, len(line) - 1, result.status == STATUS_OK)
 
     def sync(self) -> None:
         os.fsync(self._fd)
@@ -131,28 +139,66 @@ class Checkpoint:
         return fd
 
     def _load(self, fd: int) -> None:
-        offset = 0
+        header_line = _read_first_line(fd)
+        if header_line is None:
+            raise CheckpointError(f"{self.path}: not a batcher checkpoint "
+                                  "(run with --fresh to replace it)")
+        self._check_header(header_line)
+        offset = len(header_line) + 1
         pending = b""
-        header_seen = False
         while chunk := os.pread(fd, _READ_CHUNK, offset + len(pending)):
             data = pending + chunk
-            start = 0
-            while (end := data.find(b"\n", start)) != -1:
-                line = data[start:end]
-                if not header_seen:
-                    self._check_header(line)
-                    header_seen = True
-                elif line.strip():
-                    self._load_line(line, offset + start, end - start)
-                start = end + 1
-            offset += start
-            pending = data[start:]
-        if pending or not header_seen:
-            if not header_seen:
-                raise CheckpointError(f"{self.path}: not a batcher checkpoint "
-                                      "(run with --fresh to replace it)")
+            end = data.rfind(b"\n") + 1
+            if end:
+                self._load_block(data[:end], offset)
+            offset += end
+            pending = data[end:]
+        if pending:
             # A torn last line from a kill mid-write: cut it so appends start clean.
             os.ftruncate(fd, offset)
+
+    def _load_block(self, block: bytes, base: int) -> None:
+        """Index a run of whole lines at once with numpy, not a JSON parse per
+        line, so a million-row journal opens in well under a second.
+
+        Every row line starts ``{"i":<digits>,"status":"ok"`` or ``..."error"``
+        (``append`` writes them so); anything else is a corrupt line.
+        """
+        data = np.frombuffer(block, dtype=np.uint8)
+        ends = np.flatnonzero(data == _NEWLINE)
+        starts = np.concatenate(([0], ends[:-1] + 1))
+        lengths = ends - starts
+        if (lengths < _HEAD_WINDOW).any():
+            self._report_corrupt_line(block, base)
+        window = data[starts[:, None] + np.arange(_HEAD_WINDOW)]
+        digits = window[:, len(_POSITION_PREFIX):len(_POSITION_PREFIX) + _MAX_DIGITS + 1]
+        is_digit = (digits >= ord("0")) & (digits <= ord("9"))
+        count = np.argmin(is_digit, axis=1)  # digits before the first non-digit
+        after = len(_POSITION_PREFIX) + count
+        status_at = after[:, None] + np.arange(len(_STATUS_OK))
+        status = np.take_along_axis(window, status_at, axis=1)
+        ok = (status == _STATUS_OK).all(axis=1)
+        well_formed = (
+            (window[:, : len(_POSITION_PREFIX)] == _POSITION_PREFIX).all(axis=1)
+            & (count > 0)
+            & (ok | (status == _STATUS_ERROR).all(axis=1))
+        )
+        if not well_formed.all():
+            self._report_corrupt_line(block, base)
+        places = np.arange(_MAX_DIGITS + 1)
+        weights = np.where(places < count[:, None],
+                           10 ** np.clip(count[:, None] - 1 - places, 0, None), 0)
+        positions = ((digits.astype(np.int64) - ord("0")) * weights).sum(axis=1)
+        self._index.set_many(positions, starts + base, lengths, ok)
+
+    def _report_corrupt_line(self, block: bytes, base: int) -> None:
+        start = 0
+        for line in block.split(b"\n")[:-1]:
+            if not _LINE_HEAD.match(line):
+                break
+            start += len(line) + 1
+        raise CheckpointError(f"{self.path}: corrupt line at byte {base + start} "
+                              "(run with --fresh to start over)")
 
     def _check_header(self, line: bytes) -> None:
         try:
@@ -167,27 +213,74 @@ class Checkpoint:
                 f"{self.path}: the checkpoint was made by a different job (the input, model, "
                 "prompt or params changed); run with --fresh to discard it and start over")
 
-    def _load_line(self, line: bytes, offset: int, length: int) -> None:
-        try:
-            record = orjson.loads(line)
-            position = int(record["i"])
-            ok = record["status"] == STATUS_OK
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{self.path}: corrupt line at byte {offset} "
-                                  "(run with --fresh to start over)") from None
-        self._index(position, offset, length, ok)
 
-    def _index(self, position: int, offset: int, length: int, ok: bool) -> None:
-        missing = position + 1 - len(self._states)
-        if missing > 0:
-            self._offsets.extend([0] * missing)
-            self._lengths.extend([0] * missing)
-            self._states.extend(bytes(missing))
-        if self._states[position] == _STATE_NONE:
-            self.rows_recorded += 1
+class _RowIndex:
+    """Where each row's latest journal line is, and whether it was ``ok``.
+
+    Three flat numpy arrays, 13 bytes a row, grown by doubling: a million
+    rows cost 13 MB, not a million Python objects.
+    """
+
+    def __init__(self) -> None:
+        self._offsets = np.zeros(0, dtype=np.int64)
+        self._lengths = np.zeros(0, dtype=np.int32)
+        self._states = np.zeros(0, dtype=np.uint8)
+
+    def state(self, position: int) -> int:
+        return int(self._states[position]) if position < len(self._states) else _STATE_NONE
+
+    def location(self, position: int) -> tuple[int, int] | None:
+        if self.state(position) == _STATE_NONE:
+            return None
+        return int(self._offsets[position]), int(self._lengths[position])
+
+    def count_ok(self, start: int, stop: int) -> int:
+        return int(np.count_nonzero(self._states[start:stop] == _STATE_OK))
+
+    def rows_recorded(self) -> int:
+        return int(np.count_nonzero(self._states))
+
+    def set(self, position: int, offset: int, length: int, ok: bool) -> None:
+        self._reserve(position + 1)
         self._offsets[position] = offset
         self._lengths[position] = length
         self._states[position] = _STATE_OK if ok else _STATE_ERROR
+
+    def set_many(self, positions: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+                 ok: np.ndarray) -> None:
+        if not len(positions):
+            return
+        # A row journaled twice (an error, then a retry) keeps its latest line:
+        # keep each position's last occurrence, since numpy does not promise
+        # which of repeated fancy-index assignments wins.
+        reversed_positions = positions[::-1]
+        _, first_in_reversed = np.unique(reversed_positions, return_index=True)
+        last = len(positions) - 1 - first_in_reversed
+        self._reserve(int(positions.max()) + 1)
+        chosen = positions[last]
+        self._offsets[chosen] = offsets[last]
+        self._lengths[chosen] = lengths[last]
+        self._states[chosen] = np.where(ok[last], _STATE_OK, _STATE_ERROR)
+
+    def _reserve(self, size: int) -> None:
+        if size <= len(self._states):
+            return
+        capacity = max(size, 2 * len(self._states), 1024)
+        for name in ("_offsets", "_lengths", "_states"):
+            old = getattr(self, name)
+            grown = np.zeros(capacity, dtype=old.dtype)
+            grown[: len(old)] = old
+            setattr(self, name, grown)
+
+
+def _read_first_line(fd: int) -> bytes | None:
+    data = b""
+    while b"\n" not in data:
+        chunk = os.pread(fd, 4096, len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data[: data.index(b"\n")]
 
 
 def _acquire_lock(path: Path) -> int:

@@ -265,7 +265,7 @@ class Run:
         self._output_estimate = OutputEstimate()
         self._streak = FailureStreak(self.job.retry.stop_after_identical_failures)
         self.stats = RunStats(total_rows=prepared.row_count,
-                              already_done=checkpoint.count_done(prepared.row_count))
+                              already_done=checkpoint.count_done(0, prepared.row_count))
         self._progress: Progress | None = None
         self._stopping = False
         self._stop_signal: int | None = None
@@ -351,6 +351,9 @@ class Run:
         renderer = PromptRenderer(job.prompt)
         position = 0
         for batch in _limited(self.prepared.reader, self.prepared.limit):
+            if self._checkpoint.count_done(position, position + batch.num_rows) == batch.num_rows:
+                position += batch.num_rows  # a resumed run skips finished batches unrendered
+                continue
             for row in renderer.render(batch, position):
                 if self._stopping:
                     break

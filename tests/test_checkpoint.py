@@ -34,7 +34,7 @@ def test_error_rows_are_recorded_but_not_done(tmp_path: Path) -> None:
     with Checkpoint(path, "fp") as checkpoint:
         checkpoint.append(0, RowResult.failed("HTTP 400", 1))
     with Checkpoint(path, "fp") as checkpoint:
-        assert checkpoint.has_outcome(0) and not checkpoint.is_done(0)
+        assert checkpoint.read(range(1))[0] is not None and not checkpoint.is_done(0)
 
 
 def test_torn_last_line_is_cut_and_appends_stay_clean(tmp_path: Path) -> None:
@@ -75,3 +75,32 @@ def test_second_open_is_locked_out_until_the_first_closes(tmp_path: Path) -> Non
         Checkpoint(path, "fp")
     first.close()
     Checkpoint(path, "fp").close()
+
+
+def test_reopen_indexes_many_rows_and_keeps_each_rows_latest_line(tmp_path: Path) -> None:
+    path = tmp_path / "job.ckpt"
+    positions = [5, 0, 123_456, 7, 5, 99, 0]
+    with Checkpoint(path, "fp") as checkpoint:
+        for step, position in enumerate(positions):
+            result = ok(f"{position}-{step}") if step != 6 else RowResult.failed("HTTP 500", 6)
+            checkpoint.append(position, result)
+    with Checkpoint(path, "fp") as checkpoint:
+        assert checkpoint.rows_recorded == 5
+        assert [checkpoint.is_done(p) for p in (0, 5, 7, 99, 123_456, 1)] == [
+            False, True, True, True, True, False]
+        latest = checkpoint.read(range(6))
+        assert latest[5] is not None and latest[5].reply == "5-4"
+        assert latest[0] is not None and latest[0].error == "HTTP 500"
+        assert checkpoint.count_done(0, 123_457) == 4
+
+
+def test_a_corrupt_line_in_the_middle_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "job.ckpt"
+    with Checkpoint(path, "fp") as checkpoint:
+        checkpoint.append(0, ok("zero"))
+        checkpoint.append(1, ok("one"))
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b"garbage that is long enough to fill the head window of a line...."
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(CheckpointError, match="corrupt line at byte"):
+        Checkpoint(path, "fp")
