@@ -110,11 +110,15 @@ class Summary:
     def __str__(self) -> str:
         cost = "" if self.cost_usd is None else (
             f", ${self.cost_usd:,.4f} at {self.model}'s list price")
-        return (f"{self.rows} rows: {self.ok} ok, {self.errors} error"
-                f"{'' if self.errors == 1 else 's'} ({self.from_checkpoint} from the checkpoint); "
-                f"this call: {self.requests} requests ({self.rate_limited} rate-limited), "
+        return (f"{_count(self.rows, 'row')}: {self.ok} ok, {_count(self.errors, 'error')} "
+                f"({self.from_checkpoint} from the checkpoint); this call: "
+                f"{_count(self.requests, 'request')} ({self.rate_limited} rate-limited), "
                 f"{self.total_tokens:,} tokens{cost}, {self.elapsed_s:.1f} s"
                 f"{' [simulated replies]' if self.simulated else ''}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 @dataclass(frozen=True)
@@ -309,10 +313,9 @@ def run_dataframe(
         data, "batcher.run_dataframe(...)", model=model, prompt_column=prompt_column,
         template=template, system=system, params=params, base_url=base_url,
         api_key_env=api_key_env, api_key=api_key, mock=mock, endpoint=endpoint,
-        timeout_s=timeout_s,
-        concurrency=concurrency, requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute, max_attempts=max_attempts,
-        checkpoint=checkpoint, limit=limit)
+        timeout_s=timeout_s, concurrency=concurrency, requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute, max_attempts=max_attempts, checkpoint=checkpoint,
+        limit=limit)
     return _run_blocking(lambda control: _arun_frame(
         frame, job, environ, _options(fresh, limit, progress, control)))
 
@@ -355,10 +358,9 @@ async def arun_dataframe(
         data, "batcher.arun_dataframe(...)", model=model, prompt_column=prompt_column,
         template=template, system=system, params=params, base_url=base_url,
         api_key_env=api_key_env, api_key=api_key, mock=mock, endpoint=endpoint,
-        timeout_s=timeout_s,
-        concurrency=concurrency, requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute, max_attempts=max_attempts,
-        checkpoint=checkpoint, limit=limit)
+        timeout_s=timeout_s, concurrency=concurrency, requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute, max_attempts=max_attempts, checkpoint=checkpoint,
+        limit=limit)
     return await _arun_frame(frame, job, environ, _options(fresh, limit, progress, None))
 
 
@@ -366,8 +368,8 @@ def _frame_job(data: object, source: str, *, model: str, prompt_column: str | No
                template: str | None, system: str | None, params: Mapping[str, Any] | None,
                base_url: str | None, api_key_env: str | None, api_key: str | None,
                mock: bool | Mapping[str, Any], endpoint: Mapping[str, Any] | None,
-               timeout_s: float | None,
-               concurrency: int | None, requests_per_minute: float | None,
+               timeout_s: float | None, concurrency: int | None,
+               requests_per_minute: float | None,
                tokens_per_minute: float | None, max_attempts: int | None,
                checkpoint: str | os.PathLike[str] | None, limit: int | None
                ) -> tuple[pd.DataFrame, Job, Mapping[str, str] | None]:
@@ -624,7 +626,8 @@ async def _execute(job: Job, options: RunOptions, environ: Mapping[str, str] | N
 def _summarize(job: Job, report: RunReport, started: float) -> Summary:
     stats = report.stats
     price = price_for(job.model)
-    cost = None if price is None else price.cost(stats.prompt_tokens, stats.completion_tokens)
+    cost = None if price is None else round(
+        price.cost(stats.prompt_tokens, stats.completion_tokens), 6)
     return Summary(
         model=job.model, rows=report.rows, ok=report.rows - report.failed_rows,
         errors=report.failed_rows, from_checkpoint=stats.already_done,
@@ -685,7 +688,12 @@ def _read_results_file(path: Path) -> pd.DataFrame:
         # CSV input columns were read as text; keep them text (ids like "007").
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     else:
-        frame = pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+        # Values as written: no date or number guessing (pandas' read_json guesses).
+        with path.open(encoding="utf-8") as lines:
+            rows = [json.loads(line) for line in lines if line.strip()]
+        # An empty JSONL file cannot name the input's columns; the result columns it has.
+        frame = (pd.DataFrame.from_records(rows) if rows
+                 else pd.DataFrame(columns=list(RESULT_COLUMNS)))
     return _typed(frame)
 
 
