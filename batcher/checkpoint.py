@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 _STATE_NONE, _STATE_OK, _STATE_ERROR = 0, 1, 2
 _READ_CHUNK = 4 << 20
 _NEWLINE = 10
+_HEADER_PREFIX = b'{"batcher_checkpoint":'
 _LINE_HEAD = re.compile(rb'\{"i":\d{1,18},"status":"(ok|error)",')
 _POSITION_PREFIX = np.frombuffer(b'{"i":', dtype=np.uint8)
 _STATUS_OK = np.frombuffer(b',"status":"ok",', dtype=np.uint8)
@@ -128,15 +129,26 @@ class Checkpoint:
             raise OutputError(f"{self.path}: cannot open the checkpoint ({exc.strerror})"
                               ) from None
         try:
-            if os.fstat(fd).st_size == 0:
-                header = {"batcher_checkpoint": FORMAT_VERSION, "fingerprint": self.fingerprint}
-                os.write(fd, orjson.dumps(header) + b"\n")
+            if _holds_no_rows(fd):
+                self._write_header(fd)
             else:
                 self._load(fd)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _write_header(self, fd: int) -> None:
+        header = orjson.dumps({"batcher_checkpoint": FORMAT_VERSION,
+                               "fingerprint": self.fingerprint}) + b"\n"
+        try:
+            os.ftruncate(fd, 0)
+            written = os.pwrite(fd, header, 0)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write the checkpoint ({exc.strerror})"
+                              ) from None
+        if written != len(header):
+            raise OutputError(f"{self.path}: cannot write the checkpoint (disk full?)")
 
     def _load(self, fd: int) -> None:
         header_line = _read_first_line(fd)
@@ -271,6 +283,16 @@ class _RowIndex:
             grown = np.zeros(capacity, dtype=old.dtype)
             grown[: len(old)] = old
             setattr(self, name, grown)
+
+
+def _holds_no_rows(fd: int) -> bool:
+    """Empty, or only a header torn by a kill or a full disk: nothing was recorded."""
+    head = os.pread(fd, len(_HEADER_PREFIX) + 1, 0)
+    if not head:
+        return True
+    if b"\n" in os.pread(fd, 4096, 0):
+        return False
+    return _HEADER_PREFIX.startswith(head[: len(_HEADER_PREFIX)])
 
 
 def _read_first_line(fd: int) -> bytes | None:

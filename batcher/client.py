@@ -14,7 +14,7 @@ from typing import Self
 
 import aiohttp
 
-from batcher.errors import ApiError, Verdict
+from batcher.errors import ApiError, ConfigError, Verdict
 from batcher.redact import Redactor
 from batcher.wire import Completion, classify_error, one_line, parse_completion
 
@@ -67,7 +67,10 @@ class ChatClient:
         assert self._session is not None, "use ChatClient as an async context manager"
         started = time.perf_counter()
         try:
-            async with self._session.post(self._endpoint.url, data=body) as response:
+            # No redirects: aiohttp drops only Authorization on a cross-host redirect,
+            # so a key in api-key or X-Api-Key would follow it to another host.
+            async with self._session.post(self._endpoint.url, data=body,
+                                          allow_redirects=False) as response:
                 payload = await response.read()
                 status = response.status
                 headers = {key.lower(): value for key, value in response.headers.items()}
@@ -77,6 +80,10 @@ class ChatClient:
         except aiohttp.ClientError as exc:
             reason = self._redactor.clean(one_line(str(exc) or exc.__class__.__name__))
             raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
+        except ValueError as exc:  # yarl/aiohttp reject the URL or a proxy URL from the env
+            reason = self._redactor.clean(one_line(str(exc)))
+            raise ConfigError(f"cannot build the request (check endpoint.base_url and the "
+                              f"HTTP_PROXY/HTTPS_PROXY variables): {reason}") from None
         latency = time.perf_counter() - started
         try:
             if status != 200:

@@ -13,14 +13,16 @@ import string
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from batcher.errors import ConfigError
+from batcher.redact import SECRET_QUERY_PARAMS
 
 PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
@@ -35,7 +37,7 @@ class _Spec(BaseModel):
 
 class InputSpec(_Spec):
     path: Path
-    id_column: str | None = None
+    id_column: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _known_format(self) -> InputSpec:
@@ -68,7 +70,7 @@ class PromptSpec(_Spec):
 class MockSpec(_Spec):
     """Run against the built-in mock server, started in-process (demos only)."""
 
-    latency_s: Annotated[float, Field(ge=0)] = 0.02
+    latency_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.02
     seed: int = 0
 
 
@@ -223,6 +225,8 @@ def load_job(path: Path, *, require_output: bool = True) -> Job:
         raise ConfigError(f"{path}: cannot read job file ({exc.__class__.__name__})") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to be a job file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -254,16 +258,36 @@ def job_from_dict(data: dict[str, Any], *, base_dir: Path, source: str,
 def refuse_literal_secrets(data: Any, source: str) -> None:
     """A key written into a job file ends up in git and backups: refuse it."""
     for dotted, key, value in _walk(data, ""):
-        if not isinstance(value, str) or not value:
-            continue
-        if (_SECRET_KEY_NAME.search(key) and not key.endswith("_env")) or _SECRET_VALUE.search(
-            value
-        ):
+        if isinstance(value, str) and value and _holds_secret(key, value):
             raise ConfigError(
                 f"{source}: {dotted}: looks like a literal API key; keep keys out of job "
                 "files: export it in an environment variable and name that variable in "
-                "endpoint.api_key_env"
-            )
+                "endpoint.api_key_env")
+
+
+def _holds_secret(key: str, value: str) -> bool:
+    if key.endswith("_env"):
+        # A variable's name, unless a key was pasted where the name belongs.
+        return _looks_like_key(value) or bool(_SECRET_VALUE.search(value))
+    if _SECRET_KEY_NAME.search(key) or _SECRET_VALUE.search(value):
+        return True
+    if "://" in value:  # a URL: a password, or a key-like query parameter
+        parts = urlsplit(value)
+        try:
+            password = parts.password
+        except ValueError:
+            password = None
+        secret_params = {name for name, _ in parse_qsl(parts.query)} & SECRET_QUERY_PARAMS
+        return bool(password or secret_params)
+    return False
+
+
+def _looks_like_key(name: str) -> bool:
+    """Environment variable names are words (OPENAI_API_KEY); keys are long
+    runs of letters and digits without separators."""
+    has_digit = any(char.isdigit() for char in name)
+    has_alpha = any(char.isalpha() for char in name)
+    return len(name) >= 20 and "_" not in name and has_digit and has_alpha
 
 
 def _walk(data: Any, prefix: str) -> Iterator[tuple[str, str, Any]]:
@@ -312,6 +336,8 @@ _MESSAGES: dict[str, str] = {
     "model_type": "must be a mapping of keys",
     "model_attributes_type": "must be a mapping of keys",
     "path_type": "must be a file path",
+    "is_instance_of": "must be a file path",
+    "finite_number": "must be a finite number",
 }
 
 

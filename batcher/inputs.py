@@ -10,6 +10,7 @@ names the file and, where it can, the line.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -80,6 +82,32 @@ class InputReader:
                 raise DataError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})"
                                 ) from None
         return self._jsonl_schema()
+
+    def check_csv_text(self) -> None:
+        """One streamed pass over a CSV's bytes before parsing: invalid UTF-8 is
+        reported with its line, and a quote that is never closed (pyarrow would
+        silently fold every later line into one field) is caught by parity."""
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        line = 1
+        quotes = 0
+        with self.path.open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    bad_line = line + chunk.count(b"\n", 0, max(0, exc.start))
+                    raise DataError(f"{self.path}: line {bad_line}: not valid UTF-8 text "
+                                    "(save the file as UTF-8)") from None
+                line += chunk.count(b"\n")
+                quotes += chunk.count(b'"')
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{self.path}: line {line}: not valid UTF-8 text (the file ends "
+                            "inside a character)") from None
+        if quotes % 2:
+            raise DataError(f"{self.path}: a quoted field is never closed (the file has an odd "
+                            'number of " characters); look for a stray quote')
 
     def _csv_header(self) -> list[str]:
         try:
@@ -205,6 +233,8 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
     Ids are hashed to 64-bit integers so a million ids cost 8 MB, not a set of
     strings; a hash collision is confirmed against the real values.
     """
+    if reader.format == "csv":
+        reader.check_csv_text()
     rows = 0
     hashes: list[np.ndarray] = []
     for batch in reader.batches():
@@ -214,10 +244,10 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
             batch = batch.slice(0, limit - rows)
         if id_column is not None:
             ids = batch.column(id_column)
-            if ids.null_count:
-                position = rows + _first_null(ids)
-                raise DataError(f"{reader.path}: row {position + 1}: id column '{id_column}' "
-                                "is empty (every row needs an id)")
+            empty = _first_empty(ids)
+            if empty is not None:
+                raise DataError(f"{reader.path}: row {rows + empty + 1}: id column "
+                                f"'{id_column}' is empty (every row needs an id)")
             hashes.append(_hash_ids(ids))
         rows += batch.num_rows
     if hashes:
@@ -260,8 +290,14 @@ def _check_unique_ids(reader: InputReader, id_column: str, hashes: np.ndarray,
         position += batch.num_rows
 
 
-def _first_null(column: pa.Array) -> int:
-    return int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+def _first_empty(column: pa.Array) -> int | None:
+    """The offset of the first null or blank id (CSV reads a missing id as ''), if any."""
+    missing = column.is_null()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        blank = pc.equal(pc.utf8_trim_whitespace(column), "")
+        missing = pc.or_(missing, pc.fill_null(blank, True))
+    found = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
+    return int(found[0]) if found.size else None
 
 
 def _rebatch(batch: pa.RecordBatch, size: int) -> Iterator[pa.RecordBatch]:

@@ -8,6 +8,7 @@ written file and a crash never leaves one behind.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterable
@@ -69,9 +70,15 @@ class _JsonlWriter:
 
 
 def write_results(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
-    """Stream ``batches`` into ``path`` atomically; returns the number of rows written."""
+    """Stream ``batches`` into ``path`` atomically; returns the number of rows written.
+
+    The caller holds the job's lock, so temporary files of this name are
+    leftovers of a run killed mid-write and are removed first.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed on success
             dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     except OSError as exc:

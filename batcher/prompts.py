@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import string
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +58,20 @@ class PromptRenderer:
             value = values[self._spec.column]
             return "" if value is None else str(value)
         assert self._spec.template is not None
-        return self._spec.template.format_map(
-            {name: "" if value is None else value for name, value in values.items()}
-        )
+        return _COLUMNS_FORMATTER.vformat(
+            self._spec.template, (),
+            {name: "" if value is None else value for name, value in values.items()})
+
+
+class _ColumnFormatter(string.Formatter):
+    """``str.format`` where every field is a column name, even ``{0}`` (pandas
+    exports often have columns named by number)."""
+
+    def get_value(self, key: int | str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        return kwargs[str(key)]
+
+
+_COLUMNS_FORMATTER = _ColumnFormatter()
 
 
 def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:

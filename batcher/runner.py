@@ -215,12 +215,18 @@ def _check_columns(job: Job, reader: InputReader) -> None:
     wanted += [(key, name) for name in job.prompt.columns()]
     for setting, column in wanted:
         if column not in names:
-            raise DataError(f"{path}: {setting} names column '{column}', which the input does "
-                            f"not have (columns: {', '.join(names) or 'none'})")
+            listed = ", ".join(_printable(name) for name in names) or "none"
+            raise DataError(f"{path}: {setting} names column '{_printable(column)}', which the "
+                            f"input does not have (columns: {listed})")
     clashes = [name for name in names if name in RESULT_COLUMNS]
     if clashes:
         raise DataError(f"{path}: input column '{clashes[0]}' has the name of a results column; "
                         "rename it in the input")
+
+
+def _printable(name: str) -> str:
+    """A column name fit for a one-line message (line breaks and the like escaped)."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -284,9 +290,20 @@ class Run:
         try:
             with self._signals_handled():
                 await self._dispatch()
+                self._progress.close()
+                report = self._write_results()
+                # A signal during that synchronous write is queued on the loop's
+                # wakeup pipe; two loop turns deliver it to request_stop.
+                for _ in range(2):
+                    await asyncio.sleep(0)
+                if self._stopping:
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(self._stop_signal or signal.SIGINT).name} "
+                        f"while writing the results; {report.results_path} is complete",
+                        exit_code=128 + int(self._stop_signal or signal.SIGINT))
         finally:
             self._progress.close()
-        return self._write_results()
+        return report
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop sending new requests; a second request cancels in-flight ones too."""

@@ -97,7 +97,11 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str],
     except orjson.JSONDecodeError:
         data = None
     error = describe_error(status, data)
-    if data is None and body:
+    if 300 <= status < 400:
+        target = headers.get("location", "elsewhere")
+        error.message = (f"HTTP {status}: the server redirects to {target}; batcher does not "
+                         "follow redirects (set endpoint.base_url to the final URL)")
+    elif data is None and body:
         content_type = headers.get("content-type", "unknown type").split(";")[0]
         error.message = f"HTTP {status} with a non-JSON body ({content_type})"
     error.headers = dict(headers)
