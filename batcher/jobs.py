@@ -6,13 +6,14 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from batcher.checkpoint import Checkpoint
 from batcher.client import Endpoint
 from batcher.config import Job
 from batcher.endpoints import resolve_endpoint
-from batcher.errors import OutputError
+from batcher.errors import CheckpointError, OutputError
 from batcher.mock_server import MockConfig, MockServer
 from batcher.redact import Redactor
 from batcher.runner import (
@@ -53,8 +54,11 @@ def dry_run(job: Job, limit: int | None = None,
         resolve_endpoint(job.endpoint, environ=environ)  # a missing key is exit 2 here too
     checkpoint_path = job.output.checkpoint_path if job.output else None
     if checkpoint_path is not None and checkpoint_path.exists():
-        with Checkpoint(checkpoint_path, prepared.fingerprint) as checkpoint:
-            return estimate(prepared, checkpoint)
+        try:
+            with Checkpoint(checkpoint_path, prepared.fingerprint) as checkpoint:
+                return estimate(prepared, checkpoint)
+        except CheckpointError as error:
+            return replace(estimate(prepared), note=f"a run would stop: {error}")
     return estimate(prepared)
 
 

@@ -111,6 +111,7 @@ class Estimate:
     prompt_tokens: int
     completion_tokens: int | None  # None when the job sets no max_tokens
     cost_usd: float | None
+    note: str | None = None  # something the run would trip over
 
     def describe(self, model: str) -> str:
         text = (f"{self.rows} rows ({self.pending_rows} to send, "
@@ -122,6 +123,8 @@ class Estimate:
             text += f" and at most {self.completion_tokens:,} completion tokens"
         if self.cost_usd is not None:
             text += f"; at most ${self.cost_usd:,.2f} at {model}'s list price"
+        if self.note:
+            text += f"\nnote: {self.note}"
         return text
 
 
