@@ -8,9 +8,11 @@ body cut short) is translated here, at one boundary, into a classified
 from __future__ import annotations
 
 import time
+import urllib.request
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -43,16 +45,22 @@ class ChatClient:
         self._redactor = redactor
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: str | None = None
 
     async def __aenter__(self) -> Self:
         connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300,
                                          enable_cleanup_closed=True)
+        # Proxies from the environment are looked up once here, not per request:
+        # aiohttp's trust_env would consult the environment and ~/.netrc through the
+        # thread pool on every request (a third of the client's CPU at full speed),
+        # and netrc credentials would clash with the key's Authorization header.
+        self._proxy = proxy_for(self._endpoint.url)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self._endpoint.timeout_s),
             headers={"Content-Type": "application/json", **self._endpoint.headers},
             raise_for_status=False,
-            trust_env=True,
+            trust_env=False,
         )
         return self
 
@@ -69,7 +77,7 @@ class ChatClient:
         try:
             # No redirects: aiohttp drops only Authorization on a cross-host redirect,
             # so a key in api-key or X-Api-Key would follow it to another host.
-            async with self._session.post(self._endpoint.url, data=body,
+            async with self._session.post(self._endpoint.url, data=body, proxy=self._proxy,
                                           allow_redirects=False) as response:
                 payload = await response.read()
                 status = response.status
@@ -92,3 +100,25 @@ class ChatClient:
         except ApiError as error:
             error.message = self._redactor.clean(error.message)
             raise
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` name for ``url``, unless
+    ``NO_PROXY`` exempts its host (the same rules as urllib and aiohttp's trust_env)."""
+    parts = urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy is None:
+        return None
+    try:
+        split = urlsplit(proxy)
+        valid = bool(split.hostname) and (split.port is None or split.port > 0)
+    except ValueError:  # a port that is not a number: an unescaped character before it
+        valid = False
+    if not valid:  # never echo it: a proxy URL may carry credentials
+        raise ConfigError(f"the {parts.scheme.upper()}_PROXY (or ALL_PROXY) environment "
+                          "variable is not a valid proxy URL like http://user:password@host:port "
+                          "(%-encode special characters in the password)")
+    return proxy

@@ -101,7 +101,7 @@ class RateLimiter:
     """
 
     PACE_FRACTION = 0.99  # of a limit: timing jitter must not push a window over
-    DECREASE = 0.7
+    DECREASE = 0.8
     MIN_FACTOR = 0.05
     RECOVERY_PER_S = 0.1  # factor regained per second without a 429
     DECREASE_SPACING_S = 1.0

@@ -147,3 +147,19 @@ def test_openai_sdk_parses_what_the_mock_sends(make_mock: Any) -> None:
         max_tokens=50)
     assert completion.choices[0].message.content == reply_for("hello there")
     assert completion.usage is not None and completion.usage.total_tokens > 0
+
+
+def test_requests_go_through_the_proxy_from_the_environment(tmp_path: Path,
+                                                            make_mock: Any) -> None:
+    proxy: MockServer = make_mock(api_key=TEST_KEY)  # answers whatever it is asked to forward
+    job = write_job(tmp_path / "job.yaml", job_dict(
+        "http://127.0.0.2:9/v1", prompts_csv(tmp_path, 4), tmp_path / "out.csv",
+        retry={"max_attempts": 1}))
+    env = {"HTTP_PROXY": proxy.root_url, "NO_PROXY": "", "no_proxy": ""}
+    result = run_cli("run", str(job), "-q", env_extra=env)
+    assert result.returncode == 0, result.stderr
+    assert proxy.stats.snapshot()["requests_total"] == 4
+    bypassed = run_cli("run", str(job), "-q", "--fresh",
+                       env_extra={**env, "NO_PROXY": "127.0.0.2", "no_proxy": "127.0.0.2"})
+    assert bypassed.returncode == 1  # straight to 127.0.0.2:9, where nothing listens
+    assert proxy.stats.snapshot()["requests_total"] == 4
