@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import orjson
 import pyarrow as pa
@@ -39,13 +39,18 @@ def results_schema(input_schema: pa.Schema) -> pa.Schema:
     return pa.schema(list(input_schema) + result_fields())
 
 
-def attach_results(batch: pa.RecordBatch, results: list[RowResult | None],
+_NO_OUTCOME = RowResult.failed("no outcome recorded", 0).to_dict()
+
+
+def attach_results(batch: pa.RecordBatch, records: list[dict[str, Any] | None],
                    schema: pa.Schema) -> pa.RecordBatch:
-    """The input batch with the result columns appended (a missing outcome is an error row)."""
-    rows = [result or RowResult.failed("no outcome recorded", 0) for result in results]
+    """The input batch with the result columns appended, from checkpoint records
+    (a row without one becomes an error row)."""
+    rows = [record if record is not None else _NO_OUTCOME for record in records]
     columns = list(batch.columns)
     for field in result_fields():
-        columns.append(pa.array([getattr(row, field.name) for row in rows], type=field.type))
+        name = field.name
+        columns.append(pa.array([row.get(name) for row in rows], type=field.type))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 

@@ -473,9 +473,10 @@ class Run:
             nonlocal failed
             position = 0
             for batch in _limited(self.prepared.reader, self.prepared.limit):
-                results = self._checkpoint.read(range(position, position + batch.num_rows))
-                failed += sum(1 for result in results if result is None or not result.ok)
-                yield attach_results(batch, results, schema)
+                records = self._checkpoint.read(position, position + batch.num_rows)
+                failed += sum(1 for record in records
+                              if record is None or record["status"] != STATUS_OK)
+                yield attach_results(batch, records, schema)
                 position += batch.num_rows
 
         rows = write_results(output.path, schema, batches())

@@ -23,8 +23,8 @@ def test_rows_survive_reopen_and_latest_line_wins(tmp_path: Path) -> None:
         checkpoint.append(2, ok("two, second try"))
     with Checkpoint(path, "fp") as checkpoint:
         assert checkpoint.is_done(0) and checkpoint.is_done(2) and not checkpoint.is_done(1)
-        results = checkpoint.read(range(4))
-        assert [r.reply if r else None for r in results] == [
+        results = checkpoint.read(0, 4)
+        assert [r["reply"] if r else None for r in results] == [
             "zero", None, "two, second try", None]
         assert checkpoint.rows_recorded == 2
 
@@ -34,7 +34,7 @@ def test_error_rows_are_recorded_but_not_done(tmp_path: Path) -> None:
     with Checkpoint(path, "fp") as checkpoint:
         checkpoint.append(0, RowResult.failed("HTTP 400", 1))
     with Checkpoint(path, "fp") as checkpoint:
-        assert checkpoint.read(range(1))[0] is not None and not checkpoint.is_done(0)
+        assert checkpoint.read(0, 1)[0] is not None and not checkpoint.is_done(0)
 
 
 def test_torn_last_line_is_cut_and_appends_stay_clean(tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_torn_last_line_is_cut_and_appends_stay_clean(tmp_path: Path) -> None:
         assert checkpoint.is_done(0) and not checkpoint.is_done(1)
         checkpoint.append(1, ok("one again"))
     with Checkpoint(path, "fp") as checkpoint:
-        assert [r.reply for r in checkpoint.read(range(2)) if r] == ["zero", "one again"]
+        assert [r["reply"] for r in checkpoint.read(0, 2) if r] == ["zero", "one again"]
 
 
 def test_a_different_job_is_refused_and_fresh_starts_over(tmp_path: Path) -> None:
@@ -88,9 +88,10 @@ def test_reopen_indexes_many_rows_and_keeps_each_rows_latest_line(tmp_path: Path
         assert checkpoint.rows_recorded == 5
         assert [checkpoint.is_done(p) for p in (0, 5, 7, 99, 123_456, 1)] == [
             False, True, True, True, True, False]
-        latest = checkpoint.read(range(6))
-        assert latest[5] is not None and latest[5].reply == "5-4"
-        assert latest[0] is not None and latest[0].error == "HTTP 500"
+        latest = checkpoint.read(0, 6)
+        assert latest[5] is not None and latest[5]["reply"] == "5-4"
+        assert latest[0] is not None and latest[0]["error"] == "HTTP 500"
+        assert checkpoint.read(123_450, 123_460)[6] is not None  # past the others' span
         assert checkpoint.count_done(0, 123_457) == 4
 
 
