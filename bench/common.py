@@ -760,3 +760,25 @@ def summarize_profile(raw_path: Path, rate: int = 250, top: int = 15) -> None:
     print_table(["package", "share", "~s"], share(by_package, 10))
     print("inclusive time of batcher functions:")
     print_table(["function", "share", "~s"], share(inclusive, top))
+
+
+def bench_main(name: str, title: str, keep: bool,
+               body: Callable[[Path], Callable[[], None] | None]) -> int:
+    """Run one benchmark's ``body`` in a work folder: header, figures, machine load.
+
+    ``body`` may return a function that prints the final tables once the
+    work folder is gone; a ``BenchError`` (the run itself failed) exits 1.
+    """
+    meter = print_header(title)
+    try:
+        with work_folder(keep, name) as folder:
+            finish = body(folder)
+    except BenchError as error:
+        print(f"{name}: benchmark failed: {error}", file=sys.stderr)
+        print(meter.report())
+        return 1
+    if finish is not None:
+        print()
+        finish()
+    print(meter.report())
+    return 0

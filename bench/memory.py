@@ -27,6 +27,7 @@ Usage: ``python bench/memory.py [--small] [--sizes N,N] [--modes send,resume]``
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,15 +39,14 @@ from common import (
     ChildProcess,
     MockProcess,
     Usage,
+    bench_main,
     job_dict,
     make_parquet_input,
-    print_header,
     print_table,
     print_targets,
     small_flag,
     summary_line,
     synthesize_checkpoint,
-    work_folder,
     write_job,
 )
 
@@ -135,30 +135,24 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown mode {sorted(unknown)[0]!r}")
     send_max = args.send_max if args.send_max is not None else (20_000 if args.small else None)
-    meter = print_header("memory: peak RSS by input size")
-    try:
-        with work_folder(args.keep, "memory") as folder:
-            base = baseline()
-            results = []
-            for rows in sizes:
-                source = make_parquet_input(folder / f"input-{rows}.parquet", rows,
-                                            args.row_group_rows)
-                groups = pq.ParquetFile(source).metadata.num_row_groups
-                print(f"input: {rows:,} rows, {source.stat().st_size / 1e6:.1f} MB parquet, "
-                      f"{groups} row group{'s' if groups != 1 else ''}", flush=True)
-                for mode in modes:
-                    if mode == "send" and send_max is not None and rows > send_max:
-                        print(f"[send {rows:,}] skipped (--send-max {send_max:,})")
-                        continue
-                    results.append(run_one(folder, source, rows, mode, args.tail))
-    except BenchError as error:
-        print(f"memory: benchmark failed: {error}", file=sys.stderr)
-        print(meter.report())
-        return 1
-    print()
-    report(base, results)
-    print(meter.report())
-    return 0
+
+    def body(folder: Path) -> Callable[[], None]:
+        base = baseline()
+        results = []
+        for rows in sizes:
+            source = make_parquet_input(folder / f"input-{rows}.parquet", rows,
+                                        args.row_group_rows)
+            groups = pq.ParquetFile(source).metadata.num_row_groups
+            print(f"input: {rows:,} rows, {source.stat().st_size / 1e6:.1f} MB parquet, "
+                  f"{groups} row group{'s' if groups != 1 else ''}", flush=True)
+            for mode in modes:
+                if mode == "send" and send_max is not None and rows > send_max:
+                    print(f"[send {rows:,}] skipped (--send-max {send_max:,})")
+                    continue
+                results.append(run_one(folder, source, rows, mode, args.tail))
+        return lambda: report(base, results)
+
+    return bench_main("memory", "memory: peak RSS by input size", args.keep, body)
 
 
 if __name__ == "__main__":

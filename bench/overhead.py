@@ -29,11 +29,11 @@ from common import (
     BenchError,
     JournalWatcher,
     MockProcess,
+    bench_main,
     by_status,
     checkpoint_path,
     job_dict,
     make_parquet_input,
-    print_header,
     print_table,
     print_targets,
     py_spy,
@@ -41,7 +41,6 @@ from common import (
     small_flag,
     summarize_profile,
     summary_line,
-    work_folder,
     write_job,
 )
 
@@ -121,16 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also profile with py-spy")
     args = parser.parse_args(argv)
     rows = args.rows or (5_000 if args.small else 20_000)
-    meter = print_header("overhead: zero-latency mock, no limits")
-    try:
-        with work_folder(args.keep, "overhead") as folder:
-            measure(folder, rows, args.concurrency, args.profile)
-    except BenchError as error:
-        print(f"overhead: benchmark failed: {error}", file=sys.stderr)
-        print(meter.report())
-        return 1
-    print(meter.report())
-    return 0
+    return bench_main("overhead", "overhead: zero-latency mock, no limits", args.keep,
+                      lambda folder: measure(folder, rows, args.concurrency, args.profile))
 
 
 if __name__ == "__main__":

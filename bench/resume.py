@@ -27,10 +27,10 @@ from common import (
     BenchError,
     JournalWatcher,
     MockProcess,
+    bench_main,
     checkpoint_path,
     job_dict,
     make_parquet_input,
-    print_header,
     print_table,
     print_targets,
     py_spy,
@@ -39,7 +39,6 @@ from common import (
     summarize_profile,
     summary_line,
     synthesize_checkpoint,
-    work_folder,
     write_job,
 )
 
@@ -123,16 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also profile with py-spy")
     args = parser.parse_args(argv)
     rows = args.rows or (100_000 if args.small else 1_000_000)
-    meter = print_header("resume: restart of a job killed near the end")
-    try:
-        with work_folder(args.keep, "resume") as folder:
-            measure(folder, rows, min(args.tail, rows), args.profile)
-    except BenchError as error:
-        print(f"resume: benchmark failed: {error}", file=sys.stderr)
-        print(meter.report())
-        return 1
-    print(meter.report())
-    return 0
+    return bench_main("resume", "resume: restart of a job killed near the end", args.keep,
+                      lambda folder: measure(folder, rows, min(args.tail, rows), args.profile))
 
 
 if __name__ == "__main__":

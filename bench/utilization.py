@@ -28,6 +28,7 @@ Usage: ``python bench/utilization.py [--small] [--rows N] [--scenario NAME ...]`
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +39,15 @@ from common import (
     BenchError,
     JournalWatcher,
     MockProcess,
+    bench_main,
     by_status,
     checkpoint_path,
     job_dict,
     make_parquet_input,
-    print_header,
     print_table,
     print_targets,
     small_flag,
     summary_line,
-    work_folder,
     write_job,
 )
 
@@ -176,21 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = args.rows or (600 if args.small else 5_000)
     chosen = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
-    meter = print_header("utilization: RPM 6,000 + TPM limit over 1 s windows, 50 ms latency")
-    print(f"rows per scenario: {rows:,}; mock RPM {RPM:,}, window {WINDOW_S:g} s, "
-          f"latency {LATENCY_S:g} s; job concurrency {CONCURRENCY}\n", flush=True)
-    try:
-        with work_folder(args.keep, "utilization") as folder:
-            source = make_parquet_input(folder / "input.parquet", rows)
-            outcomes = [run_scenario(folder, source, rows, scenario) for scenario in chosen]
-    except BenchError as error:
-        print(f"utilization: benchmark failed: {error}", file=sys.stderr)
-        print(meter.report())
-        return 1
-    print()
-    report(outcomes)
-    print(meter.report())
-    return 0
+
+    def body(folder: Path) -> Callable[[], None]:
+        print(f"rows per scenario: {rows:,}; mock RPM {RPM:,}, window {WINDOW_S:g} s, "
+              f"latency {LATENCY_S:g} s; job concurrency {CONCURRENCY}\n", flush=True)
+        source = make_parquet_input(folder / "input.parquet", rows)
+        outcomes = [run_scenario(folder, source, rows, scenario) for scenario in chosen]
+        return lambda: report(outcomes)
+
+    return bench_main("utilization",
+                      "utilization: RPM 6,000 + TPM limit over 1 s windows, 50 ms latency",
+                      args.keep, body)
 
 
 if __name__ == "__main__":
