@@ -36,7 +36,7 @@ import threading
 import time
 from collections import ChainMap
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
@@ -490,7 +490,8 @@ async def _arun_frame(frame: pd.DataFrame, job: Job, environ: Mapping[str, str] 
     with workspace as folder:
         (folder / _INPUT_NAME).write_bytes(payload)
         job = _relocated(job, folder)
-        report = await _execute(job, options, environ, kept=kept)
+        report = await _execute(job, replace(options, allow_empty_input=True), environ,
+                                kept=kept)
         assert report.results_path is not None
         results = _typed(pd.read_parquet(report.results_path, columns=list(RESULT_COLUMNS)))
     summary = _summarize(job, report, started)

@@ -126,7 +126,7 @@ class InputReader:
     def _jsonl_schema(self) -> pa.Schema:
         first = next(self._jsonl_row_chunks(), None)
         if first is None:
-            return pa.schema([])
+            raise DataError(f"{self.path}: the input has no rows (only blank lines)")
         rows, first_line = first
         try:
             table = pa.Table.from_pylist(rows)

@@ -36,7 +36,7 @@ async def arun_job(job: Job, options: RunOptions | None = None, *,
                    environ: Mapping[str, str] | None = None) -> RunReport:
     """Run ``job`` to the end (or resume it). Raises a ``BatcherError`` on failure."""
     options = options or RunOptions()
-    prepared = prepare(job, options.limit)
+    prepared = prepare(job, options.limit, allow_empty=options.allow_empty_input)
     assert job.output is not None
     check_writable(job.output.path.parent)
     with endpoint_for(job, environ) as (endpoint, redactor), Checkpoint(

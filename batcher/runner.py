@@ -87,6 +87,7 @@ class RunOptions:
     bar: bool | None = None  # None: a bar only on a terminal
     grace_s: float = 10.0  # how long in-flight requests may finish after a stop request
     handle_signals: bool = True  # only possible from the main thread
+    allow_empty_input: bool = False  # an input with no rows is a valid, empty job
     control: RunControl | None = None
 
 
@@ -143,11 +144,20 @@ class Prepared:
         return self.rows if self.limit is None else min(self.rows, self.limit)
 
 
-def prepare(job: Job, limit: int | None = None, reader: InputReader | None = None) -> Prepared:
-    """Everything that can be checked without sending a request (exit 2 on failure)."""
-    reader = reader or InputReader(job.input.path)
+def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) -> Prepared:
+    """Everything that can be checked without sending a request (exit 2 on failure).
+
+    A file with a header (or a schema) and no rows is bad input: a nightly
+    export that came out empty should fail loudly, not "succeed" with nothing.
+    ``allow_empty`` is for callers where no rows is a normal case (an empty
+    DataFrame from the Python API).
+    """
+    reader = InputReader(job.input.path)
     _check_columns(job, reader)
     summary = scan_input(reader, job.input.id_column, limit)
+    if summary.rows == 0 and not allow_empty and limit != 0:
+        raise DataError(f"{job.input.path}: the input has no rows (only a header); "
+                        "nothing to send")
     return Prepared(job, reader, summary.rows, fingerprint(job, summary.digest), limit)
 
 

@@ -37,6 +37,7 @@ def set_key(section: str, key: str, value: Any) -> Callable[[Path, dict[str, Any
 CASES: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     "missing file": (set_key("input", "path", "nowhere.csv"), "nowhere.csv: input file not found"),
     "empty file": (raw_file(b""), "in.csv: input file is empty"),
+    "header only": (raw_file(b"id,text\n"), "in.csv: the input has no rows"),
     "non-utf8 csv": (raw_file("id,text\na,caf\xe9\n".encode("latin-1")), "not valid UTF-8"),
     "ragged row": (raw_file(b"id,text\na,one\nb,two,three\n"), "expected 2 fields, found 3"),
     "missing column": (set_key("prompt", "column", "body"),

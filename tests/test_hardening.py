@@ -865,19 +865,24 @@ def test_bad_input_through_the_command_line(tmp_path: Path, mock_server: MockSer
     assert mock_server.stats.snapshot()["requests_total"] == 0
 
 
-def test_a_header_only_input_is_a_valid_empty_job(tmp_path: Path,
-                                                  mock_server: MockServer) -> None:
-    """The contract: 'an input with a header and no rows is a valid empty job (exit 0,
-    an empty results file)'."""
-    source = tmp_path / "in.csv"
-    source.write_text("id,text\n")
+@pytest.mark.parametrize(("name", "content"), [
+    ("in.csv", b"id,text\n"),
+    ("in.jsonl", b"\n\n"),
+])
+def test_a_header_only_input_is_bad_input(tmp_path: Path, mock_server: MockServer, name: str,
+                                          content: bytes) -> None:
+    """Issue 4 (newer than the contract's "valid empty job") lists a header-only
+    file among the bad inputs: exit 2, one line, nothing written."""
+    source = tmp_path / name
+    source.write_bytes(content)
     output = tmp_path / "out.csv"
+    output.write_text("previous results\n")
     job = write_job(tmp_path / "job.yaml", job_dict(mock_server.base_url, source, output))
     result = cli("run", str(job), "-q")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "no rows" in one_error_line(result.stderr)
     assert mock_server.stats.snapshot()["requests_total"] == 0
-    assert output.read_text().splitlines()[0].startswith('"id","text","reply"')
-    assert len(output.read_text().splitlines()) == 1
+    assert output.read_text() == "previous results\n"
 
 
 def test_an_empty_csv_id_is_refused(tmp_path: Path, mock_server: MockServer) -> None:

@@ -168,14 +168,15 @@ def test_limit_runs_only_the_first_rows_and_resume_skips_done_rows(
     assert mock_server.stats.snapshot()["requests_total"] == 60
 
 
-def test_header_only_input_is_an_empty_job(tmp_path: Path, mock_server: MockServer) -> None:
-    source = write_csv(tmp_path / "in.csv", ["id", "text"], [])
+def test_limit_zero_is_an_empty_run(tmp_path: Path, mock_server: MockServer) -> None:
+    source = prompts_csv(tmp_path, 5)
     job = write_job(tmp_path / "job.yaml", job_dict(mock_server.base_url, source,
                                                     tmp_path / "out.csv"))
-    result = run_cli("run", str(job), "-q")
+    result = run_cli("run", str(job), "-q", "--limit", "0")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out.csv").read_text().splitlines()[0].startswith('"id","text"')
     assert len((tmp_path / "out.csv").read_text().splitlines()) == 1
+    assert mock_server.stats.snapshot()["requests_total"] == 0
 
 
 def test_dry_run_and_validate_send_nothing(tmp_path: Path, mock_server: MockServer) -> None:
