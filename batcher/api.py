@@ -48,7 +48,7 @@ from batcher.config import InputSpec, Job, OutputSpec, job_from_dict, load_job
 from batcher.errors import ConfigError, DataError, Interrupted
 from batcher.pricing import price_for
 from batcher.records import FLOAT_COLUMNS, INTEGER_COLUMNS, RESULT_COLUMNS
-from batcher.runner import RunControl, RunOptions, RunReport
+from batcher.runner import RunControl, RunOptions, RunReport, fingerprint
 
 __all__ = ["JobSource", "Result", "Summary", "arun", "arun_dataframe", "run", "run_dataframe"]
 
@@ -539,12 +539,8 @@ def _relocated(job: Job, folder: Path) -> Job:
 
 
 def _session_key(payload: bytes, job: Job) -> str:
-    """What makes two calls the same: the input's bytes and what shapes a request."""
-    identity = json.dumps({"prompt": job.prompt.model_dump(), "model": job.model,
-                           "params": job.params}, sort_keys=True, default=repr)
-    digest = hashlib.blake2b(payload, digest_size=16)
-    digest.update(identity.encode())
-    return digest.hexdigest()
+    """What makes two calls the same: the checkpoint's own fingerprint of them."""
+    return fingerprint(job, hashlib.blake2b(payload, digest_size=16).hexdigest())
 
 
 @contextlib.contextmanager

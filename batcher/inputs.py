@@ -248,7 +248,7 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
             if empty is not None:
                 raise DataError(f"{reader.path}: row {rows + empty + 1}: id column "
                                 f"'{id_column}' is empty (every row needs an id)")
-            hashes.append(_hash_ids(ids))
+            hashes.append(_hash_ids(id_strings(ids)))
         rows += batch.num_rows
     if hashes:
         _check_unique_ids(reader, id_column or "", np.concatenate(hashes), limit)
@@ -260,9 +260,8 @@ def id_strings(column: pa.Array) -> list[str]:
     return [str(value) for value in column.to_pylist()]
 
 
-def _hash_ids(column: pa.Array) -> np.ndarray:
-    values = np.asarray(id_strings(column), dtype=object)
-    return pd.util.hash_array(values, categorize=False)
+def _hash_ids(ids: list[str]) -> np.ndarray:
+    return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
 
 
 def _check_unique_ids(reader: InputReader, id_column: str, hashes: np.ndarray,
@@ -275,8 +274,8 @@ def _check_unique_ids(reader: InputReader, id_column: str, hashes: np.ndarray,
     seen: dict[str, int] = {}
     position = 0
     for batch in reader.batches():
-        batch_hashes = _hash_ids(batch.column(id_column)).tolist()
         batch_ids = id_strings(batch.column(id_column))
+        batch_hashes = _hash_ids(batch_ids).tolist()
         for offset, (value_hash, value) in enumerate(zip(batch_hashes, batch_ids, strict=True)):
             row = position + offset
             if limit is not None and row >= limit:

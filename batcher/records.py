@@ -36,11 +36,6 @@ class RowResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RowResult:
-        values: dict[str, Any] = {name: data.get(name) for name in RESULT_COLUMNS}
-        return cls(**values)
-
-    @classmethod
     def failed(cls, reason: str, attempts: int) -> RowResult:
         return cls(
             reply=None,

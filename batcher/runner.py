@@ -47,7 +47,7 @@ from batcher.limits import Clock, OutputEstimate, RateLimiter, Sleep
 from batcher.outputs import attach_results, results_schema, write_results
 from batcher.pricing import price_for
 from batcher.progress import Progress, RunStats
-from batcher.prompts import PromptRenderer
+from batcher.prompts import PromptRenderer, RenderedRow
 from batcher.records import RESULT_COLUMNS, STATUS_OK, RowResult
 from batcher.redact import Redactor
 from batcher.retry import FailureStreak, RetryPolicy
@@ -180,15 +180,12 @@ def fingerprint(job: Job, input_digest: str) -> str:
 def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estimate:
     """Rows and tokens a run would send (for ``--dry-run``)."""
     job = prepared.job
-    renderer = PromptRenderer(job.prompt)
     prompt_tokens = 0
     pending = 0
-    for position, row in _rendered_rows(prepared, renderer):
-        if checkpoint is not None and checkpoint.is_done(position):
-            continue
-        if row is not None:
+    for row in _unfinished_rows(prepared, checkpoint):
+        if row.messages is not None:
             pending += 1
-            prompt_tokens += row
+            prompt_tokens += row.prompt_tokens_estimate
     max_output = job.max_output_tokens
     completion = None if max_output is None else max_output * pending * int(
         job.params.get("n", 1) or 1)
@@ -199,13 +196,18 @@ def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estima
     return Estimate(prepared.row_count, pending, prompt_tokens, completion, cost)
 
 
-def _rendered_rows(prepared: Prepared,
-                   renderer: PromptRenderer) -> Iterator[tuple[int, int | None]]:
+def _unfinished_rows(prepared: Prepared, checkpoint: Checkpoint | None) -> Iterator[RenderedRow]:
+    """Every row within the limit that the checkpoint does not hold as ``ok``,
+    rendered; a batch that is all done is skipped without rendering it."""
+    renderer = PromptRenderer(prepared.job.prompt)
     position = 0
     for batch in _limited(prepared.reader, prepared.limit):
-        for row in renderer.render(batch, position):
-            yield row.position, (row.prompt_tokens_estimate if row.messages else None)
-        position += batch.num_rows
+        start, position = position, position + batch.num_rows
+        if checkpoint is not None and checkpoint.count_done(start, position) == batch.num_rows:
+            continue
+        for row in renderer.render(batch, start):
+            if checkpoint is None or not checkpoint.is_done(row.position):
+                yield row
 
 
 def _limited(reader: InputReader, limit: int | None) -> Iterator[pa.RecordBatch]:
@@ -286,7 +288,6 @@ class Run:
         self.stats = RunStats(total_rows=prepared.row_count,
                               already_done=checkpoint.count_done(0, prepared.row_count))
         self._progress: Progress | None = None
-        self._stopping = False
         self._stop_signal: int | None = None
         self._stop_event: asyncio.Event | None = None
         self._work_future: asyncio.Future[None] | None = None
@@ -310,10 +311,8 @@ class Run:
                 for _ in range(2):
                     await asyncio.sleep(0)
                 if self._stopping:
-                    raise Interrupted(
-                        f"stopped by {signal.Signals(self._stop_signal or signal.SIGINT).name} "
-                        f"while writing the results; {report.results_path} is complete",
-                        exit_code=128 + int(self._stop_signal or signal.SIGINT))
+                    raise self._interrupted(
+                        f"while writing the results; {report.results_path} is complete")
         finally:
             self._progress.close()
         return report
@@ -325,9 +324,12 @@ class Run:
         if self._stopping and self._work_future is not None:
             self._work_future.cancel()  # impatient second Ctrl-C: no grace period
             return
-        self._stopping = True
         self._stop_signal = signum
         self._stop_event.set()
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop_event is not None and self._stop_event.is_set()
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -357,11 +359,12 @@ class Run:
         else:
             with contextlib.suppress(Exception):
                 work.result()
-        signum = self._stop_signal or signal.SIGINT
-        raise Interrupted(
-            f"stopped by {signal.Signals(signum).name}; {self._checkpoint.rows_recorded} rows are "
-            "in the checkpoint; run the same command again to resume",
-            exit_code=128 + int(signum))
+        raise self._interrupted(f"{self._checkpoint.rows_recorded} rows are in the checkpoint; "
+                                "run the same command again to resume")
+
+    def _interrupted(self, detail: str) -> Interrupted:
+        signum = signal.Signals(self._stop_signal or signal.SIGINT)
+        return Interrupted(f"stopped by {signum.name}; {detail}", exit_code=128 + int(signum))
 
     async def _send_all(self) -> None:
         concurrency = self.job.limits.concurrency
@@ -378,23 +381,14 @@ class Run:
 
     async def _produce(self, queue: asyncio.Queue[_WorkItem | None], workers: int) -> None:
         job = self.job
-        renderer = PromptRenderer(job.prompt)
-        position = 0
-        for batch in _limited(self.prepared.reader, self.prepared.limit):
-            if self._checkpoint.count_done(position, position + batch.num_rows) == batch.num_rows:
-                position += batch.num_rows  # a resumed run skips finished batches unrendered
+        for row in _unfinished_rows(self.prepared, self._checkpoint):
+            if self._stopping:
+                break  # stop reading the input too, not just sending
+            if row.messages is None:
+                self._finish(row.position, RowResult.failed(row.problem or "", 0))
                 continue
-            for row in renderer.render(batch, position):
-                if self._stopping:
-                    break
-                if self._checkpoint.is_done(row.position):
-                    continue
-                if row.messages is None:
-                    self._finish(row.position, RowResult.failed(row.problem or "", 0))
-                    continue
-                body = request_body(job.model, row.messages, job.params)
-                await queue.put(_WorkItem(row.position, body, row.prompt_tokens_estimate))
-            position += batch.num_rows
+            body = request_body(job.model, row.messages, job.params)
+            await queue.put(_WorkItem(row.position, body, row.prompt_tokens_estimate))
         for _ in range(workers):
             await queue.put(_DONE)
 

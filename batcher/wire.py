@@ -182,12 +182,6 @@ class ServerLimits:
     remaining_tokens: int | None = None
     reset_tokens_s: float | None = None
 
-    @property
-    def any(self) -> bool:
-        return any(value is not None for value in (
-            self.limit_requests, self.remaining_requests, self.limit_tokens,
-            self.remaining_tokens))
-
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6,

@@ -229,7 +229,7 @@ def test_header_parsing() -> None:
     azure = parse_rate_limits({"x-ratelimit-remaining-requests": "79",
                                "x-ratelimit-limit-tokens": "-1"})
     assert azure == ServerLimits(remaining_requests=79)
-    assert not parse_rate_limits({}).any
+    assert parse_rate_limits({}) == ServerLimits()
 
 
 def test_failure_streak_trips_on_identical_failures_only() -> None:
