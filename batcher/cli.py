@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -21,7 +22,9 @@ from batcher.config import load_job
 from batcher.errors import BatcherError
 from batcher.jobs import SIMULATED_NOTICE
 from batcher.mock_server import MockConfig, serve_forever
-from batcher.runner import RunOptions, prepare
+from batcher.preflight import prepare
+from batcher.runner import RunOptions
+from batcher.summary import Summary
 
 T = TypeVar("T")
 JOB_ARGUMENT = click.argument("job_file", metavar="JOB.yaml",
@@ -67,8 +70,9 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
     if job.endpoint.mock is not None:
         click.echo(f"batcher: {SIMULATED_NOTICE}", err=True)
     options = RunOptions(fresh=fresh, limit=limit, progress=not quiet)
+    started = time.monotonic()
     report = _report_errors(lambda: asyncio.run(jobs.arun_job(job, options)))
-    click.echo(f"batcher: {report.stats.summary()}", err=True)
+    click.echo(f"batcher: {Summary.of(job, report, time.monotonic() - started)}", err=True)
     state = "complete" if not report.failed_rows else (
         f"{report.failed_rows} row{'s' if report.failed_rows != 1 else ''} failed")
     click.echo(f"results: {report.results_path} ({report.rows} rows, {state})")

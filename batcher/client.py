@@ -70,7 +70,7 @@ class ChatClient:
             await self._session.close()
             self._session = None
 
-    async def complete(self, body: bytes) -> Response:
+    async def send(self, body: bytes) -> Response:
         """Send one chat-completion request; raise ``ApiError`` on any failure."""
         assert self._session is not None, "use ChatClient as an async context manager"
         started = time.perf_counter()

@@ -10,22 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from batcher.checkpoint import Checkpoint
-from batcher.client import Endpoint
+from batcher.client import ChatClient, Endpoint
 from batcher.config import Job
 from batcher.endpoints import resolve_endpoint
 from batcher.errors import CheckpointError, OutputError
 from batcher.mock_server import MockConfig, MockServer
+from batcher.preflight import Estimate, Prepared, estimate, prepare
 from batcher.redact import Redactor
-from batcher.runner import (
-    Estimate,
-    Prepared,
-    Run,
-    RunOptions,
-    RunReport,
-    Runtime,
-    estimate,
-    prepare,
-)
+from batcher.runner import Run, RunOptions, RunReport, Runtime
 
 SIMULATED_NOTICE = ("using batcher's built-in mock server (endpoint.mock): replies are simulated, "
                     "no real model is called")
@@ -42,7 +34,8 @@ async def arun_job(job: Job, options: RunOptions | None = None, *,
     with endpoint_for(job, environ) as (endpoint, redactor), Checkpoint(
         job.output.checkpoint_path, prepared.fingerprint, fresh=options.fresh
     ) as checkpoint:
-        run = Run(prepared, endpoint, redactor, checkpoint, options, runtime or Runtime())
+        run = Run(prepared, lambda concurrency: ChatClient(endpoint, redactor, concurrency),
+                  checkpoint, options, runtime or Runtime())
         return await run.execute()
 
 

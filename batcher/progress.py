@@ -51,18 +51,6 @@ class RunStats:
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
-    def requests_per_minute(self) -> float:
-        elapsed = self.elapsed_s
-        return self.requests * 60 / elapsed if elapsed > 0 else 0.0
-
-    def summary(self) -> str:
-        return (f"{self.finished}/{self.total_rows} rows done ({self.ok} ok, {self.errors} error"
-                f"{'' if self.errors == 1 else 's'} this run, {self.already_done} from the "
-                f"checkpoint); {self.requests} requests ({self.rate_limited} rate-limited), "
-                f"{self.tokens:,} tokens ({self.prompt_tokens:,} prompt + "
-                f"{self.completion_tokens:,} completion); {self.elapsed_s:.1f} s, "
-                f"{self.requests_per_minute():.0f} requests/min")
-
 
 class Progress:
     """A bar on a terminal, periodic log lines elsewhere, nothing when quiet."""

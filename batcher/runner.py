@@ -1,15 +1,17 @@
-"""One run of a job: check everything, send what is left, write the results.
+"""One run of a prepared job: dispatch the pending rows to workers, stop on
+request, then write the results.
 
 The order is what makes the guarantees hold:
 
-1. Check the job, the input (columns, ids) and the endpoint before any
-   request, so a mistake costs nothing (exit 2).
-2. Open the checkpoint (lock, fingerprint, torn-line repair) and skip the
-   rows it already holds as ``ok``.
-3. Stream the input through a bounded queue to a fixed set of workers; each
-   finished row is journaled before the worker takes its next row.
-4. Only when every row has an outcome, write the results in input order,
-   atomically.
+1. ``batcher.preflight`` has checked the job, the input and the endpoint
+   before any request, so a mistake costs nothing (exit 2).
+2. The checkpoint is open (lock, fingerprint, torn-line repair); the rows it
+   already holds as ``ok`` are skipped.
+3. The input streams through a bounded queue to a fixed set of workers; each
+   row travels ``batcher.pipeline`` and is journaled before its worker takes
+   the next row.
+4. Only when every row has an outcome are the results written in input
+   order, atomically (``batcher.finish``).
 
 A stop request (Ctrl-C, SIGTERM) lets in-flight requests finish for a short
 grace period, then cancels them; rows not journaled are simply sent again
@@ -20,40 +22,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-import pyarrow as pa
-
 from batcher.checkpoint import Checkpoint
-from batcher.client import ChatClient, Endpoint
-from batcher.config import Job
-from batcher.errors import (
-    ApiError,
-    BatcherError,
-    DataError,
-    Interrupted,
-    RunAborted,
-    Verdict,
-)
-from batcher.inputs import InputReader, scan_input
-from batcher.limits import Clock, OutputEstimate, RateLimiter, Sleep
-from batcher.outputs import attach_results, results_schema, write_results
-from batcher.pricing import price_for
+from batcher.errors import BatcherError, Interrupted, RunAborted
+from batcher.finish import write_results_file
+from batcher.limits import Clock, RateLimiter, Sleep
+from batcher.pipeline import RowRequest, Sender, Sending, attempt_row, row_request
+from batcher.preflight import Prepared, prepare
 from batcher.progress import Progress, RunStats
-from batcher.prompts import PromptRenderer, RenderedRow
-from batcher.records import RESULT_COLUMNS, STATUS_OK, RowResult
-from batcher.redact import Redactor
-from batcher.retry import FailureStreak, RetryPolicy
-from batcher.wire import parse_rate_limits, request_body
+from batcher.records import RowResult
+from batcher.retry import FailureStreak
 
-FINGERPRINT_VERSION = 1
+__all__ = ["Run", "RunControl", "RunOptions", "RunReport", "Runtime", "SenderFactory",
+           "prepare"]  # prepare: where every run starts, kept importable from here
+
+SenderFactory = Callable[[int], AbstractAsyncContextManager[Sender]]
+"""Opens the run's one sender (one connection pool) for a given concurrency."""
 
 
 class RunControl:
@@ -105,185 +96,29 @@ class RunReport:
         return 1 if self.failed_rows else 0
 
 
-@dataclass(frozen=True)
-class Estimate:
-    rows: int
-    pending_rows: int
-    prompt_tokens: int
-    completion_tokens: int | None  # None when the job sets no max_tokens
-    cost_usd: float | None
-    note: str | None = None  # something the run would trip over
-
-    def describe(self, model: str) -> str:
-        text = (f"{self.rows} rows ({self.pending_rows} to send, "
-                f"{self.rows - self.pending_rows} already done); about "
-                f"{self.prompt_tokens:,} prompt tokens to send")
-        if self.completion_tokens is None:
-            text += "; completion tokens unknown (params set no max_tokens)"
-        else:
-            text += f" and at most {self.completion_tokens:,} completion tokens"
-        if self.cost_usd is not None:
-            text += f"; at most ${self.cost_usd:,.2f} at {model}'s list price"
-        if self.note:
-            text += f"\nnote: {self.note}"
-        return text
-
-
-@dataclass
-class Prepared:
-    """A job checked against its input, ready to run or estimate."""
-
-    job: Job
-    reader: InputReader
-    rows: int
-    fingerprint: str
-    limit: int | None
-
-    @property
-    def row_count(self) -> int:
-        return self.rows if self.limit is None else min(self.rows, self.limit)
-
-
-def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) -> Prepared:
-    """Everything that can be checked without sending a request (exit 2 on failure).
-
-    A file with a header (or a schema) and no rows is bad input: a nightly
-    export that came out empty should fail loudly, not "succeed" with nothing.
-    ``allow_empty`` is for callers where no rows is a normal case (an empty
-    DataFrame from the Python API).
-    """
-    reader = InputReader(job.input.path)
-    _check_columns(job, reader)
-    summary = scan_input(reader, job.input.id_column, limit)
-    if summary.rows == 0 and not allow_empty and limit != 0:
-        raise DataError(f"{job.input.path}: the input has no rows (only a header); "
-                        "nothing to send")
-    return Prepared(job, reader, summary.rows, fingerprint(job, summary.digest), limit)
-
-
-def fingerprint(job: Job, input_digest: str) -> str:
-    """What makes two runs the same job: the input's bytes and everything that
-    shapes a request. Limits, retries and the endpoint's URL are left out, so
-    a resume may change them."""
-    identity = {
-        "v": FINGERPRINT_VERSION,
-        "input": input_digest,
-        "id_column": job.input.id_column,
-        "prompt": job.prompt.model_dump(),
-        "model": job.model,
-        "params": job.params,
-    }
-    return hashlib.blake2b(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS),
-                           digest_size=16).hexdigest()
-
-
-def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estimate:
-    """Rows and tokens a run would send (for ``--dry-run``)."""
-    job = prepared.job
-    prompt_tokens = 0
-    pending = 0
-    for row in _unfinished_rows(prepared, checkpoint):
-        if row.messages is not None:
-            pending += 1
-            prompt_tokens += row.prompt_tokens_estimate
-    max_output = job.max_output_tokens
-    completion = None if max_output is None else max_output * pending * int(
-        job.params.get("n", 1) or 1)
-    price = price_for(job.model)
-    cost = None
-    if price is not None and completion is not None:
-        cost = price.cost(prompt_tokens, completion)
-    return Estimate(prepared.row_count, pending, prompt_tokens, completion, cost)
-
-
-def _unfinished_rows(prepared: Prepared, checkpoint: Checkpoint | None) -> Iterator[RenderedRow]:
-    """Every row within the limit that the checkpoint does not hold as ``ok``,
-    rendered; a batch that is all done is skipped without rendering it."""
-    renderer = PromptRenderer(prepared.job.prompt)
-    position = 0
-    for batch in _limited(prepared.reader, prepared.limit):
-        start, position = position, position + batch.num_rows
-        if checkpoint is not None and checkpoint.count_done(start, position) == batch.num_rows:
-            continue
-        for row in renderer.render(batch, start):
-            if checkpoint is None or not checkpoint.is_done(row.position):
-                yield row
-
-
-def _limited(reader: InputReader, limit: int | None) -> Iterator[pa.RecordBatch]:
-    seen = 0
-    for batch in reader.batches():
-        if limit is not None and seen + batch.num_rows > limit:
-            batch = batch.slice(0, max(0, limit - seen))
-        if batch.num_rows:
-            yield batch
-        seen += batch.num_rows
-        if limit is not None and seen >= limit:
-            return
-
-
-def _check_columns(job: Job, reader: InputReader) -> None:
-    names = reader.schema.names
-    path = job.input.path
-    wanted = [("input.id_column", job.input.id_column)] if job.input.id_column else []
-    key = "prompt.column" if job.prompt.column is not None else "prompt.template"
-    wanted += [(key, name) for name in job.prompt.columns()]
-    for setting, column in wanted:
-        if column not in names:
-            listed = ", ".join(_printable(name) for name in names) or "none"
-            raise DataError(f"{path}: {setting} names column '{_printable(column)}', which the "
-                            f"input does not have (columns: {listed})")
-    clashes = [name for name in names if name in RESULT_COLUMNS]
-    if clashes:
-        raise DataError(f"{path}: input column '{clashes[0]}' has the name of a results column; "
-                        "rename it in the input")
-
-
-def _printable(name: str) -> str:
-    """A column name fit for a one-line message (line breaks and the like escaped)."""
-    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
-
-
-# -- running ---------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _WorkItem:
-    position: int
-    body: bytes
-    prompt_tokens_estimate: int
-
-
-_DONE = None
-
-
 @dataclass
 class Runtime:
-    """The injectable parts: time, randomness and where the progress goes."""
+    """The injectable parts: time and randomness."""
 
     clock: Clock = time.monotonic
     sleep: Sleep = asyncio.sleep
     rng: random.Random = field(default_factory=random.Random)
 
 
+_DONE = None
+
+
 class Run:
     """Sends one prepared job's pending rows and records every outcome."""
 
-    def __init__(self, prepared: Prepared, endpoint: Endpoint, redactor: Redactor,
-                 checkpoint: Checkpoint, options: RunOptions, runtime: Runtime) -> None:
+    def __init__(self, prepared: Prepared, senders: SenderFactory, checkpoint: Checkpoint,
+                 options: RunOptions, runtime: Runtime) -> None:
         self.prepared = prepared
         self.job = prepared.job
-        self._endpoint = endpoint
-        self._redactor = redactor
+        self._senders = senders
         self._checkpoint = checkpoint
         self._options = options
         self._runtime = runtime
-        self._policy = RetryPolicy(self.job.retry.max_attempts, self.job.retry.base_delay_s,
-                                   self.job.retry.max_delay_s)
-        self._limiter = RateLimiter(self.job.limits.requests_per_minute,
-                                    self.job.limits.tokens_per_minute,
-                                    runtime.clock, runtime.sleep)
-        self._output_estimate = OutputEstimate()
         self._streak = FailureStreak(self.job.retry.stop_after_identical_failures)
         self.stats = RunStats(total_rows=prepared.row_count,
                               already_done=checkpoint.count_done(0, prepared.row_count))
@@ -305,17 +140,17 @@ class Run:
             with self._signals_handled():
                 await self._dispatch()
                 self._progress.close()
-                report = self._write_results()
+                written = write_results_file(self.prepared, self._checkpoint)
                 # A signal during that synchronous write is queued on the loop's
                 # wakeup pipe; two loop turns deliver it to request_stop.
                 for _ in range(2):
                     await asyncio.sleep(0)
                 if self._stopping:
                     raise self._interrupted(
-                        f"while writing the results; {report.results_path} is complete")
+                        f"while writing the results; {written.path} is complete")
         finally:
             self._progress.close()
-        return report
+        return RunReport(self.stats, written.rows, written.failed_rows, written.path)
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop sending new requests; a second request cancels in-flight ones too."""
@@ -368,124 +203,52 @@ class Run:
 
     async def _send_all(self) -> None:
         concurrency = self.job.limits.concurrency
-        queue: asyncio.Queue[_WorkItem | None] = asyncio.Queue(maxsize=concurrency * 2)
+        queue: asyncio.Queue[RowRequest | None] = asyncio.Queue(maxsize=concurrency * 2)
+        runtime = self._runtime
+        limiter = RateLimiter(self.job.limits.requests_per_minute,
+                              self.job.limits.tokens_per_minute, runtime.clock, runtime.sleep)
         try:
-            async with (ChatClient(self._endpoint, self._redactor, concurrency) as client,
-                        asyncio.TaskGroup() as group):
+            async with (self._senders(concurrency) as sender, asyncio.TaskGroup() as group):
+                sending = Sending.for_job(self.job, sender, limiter, self.stats, runtime.sleep,
+                                          runtime.rng, stopping=lambda: self._stopping)
                 group.create_task(self._produce(queue, concurrency))
                 for _ in range(concurrency):
-                    group.create_task(self._work(queue, client))
+                    group.create_task(self._work(queue, sending))
         except BaseExceptionGroup as group:
             # One worker's abort cancels the rest; report the cause, not the cancellations.
             raise _first_cause(group) from None
 
-    async def _produce(self, queue: asyncio.Queue[_WorkItem | None], workers: int) -> None:
-        job = self.job
-        for row in _unfinished_rows(self.prepared, self._checkpoint):
+    async def _produce(self, queue: asyncio.Queue[RowRequest | None], workers: int) -> None:
+        for row in self.prepared.unfinished_rows(self._checkpoint):
             if self._stopping:
                 break  # stop reading the input too, not just sending
-            if row.messages is None:
-                self._finish(row.position, RowResult.failed(row.problem or "", 0))
-                continue
-            body = request_body(job.model, row.messages, job.params)
-            await queue.put(_WorkItem(row.position, body, row.prompt_tokens_estimate))
+            request = row_request(row, self.job)
+            if isinstance(request, RowResult):
+                self._journal(row.position, request)
+            else:
+                await queue.put(request)
         for _ in range(workers):
             await queue.put(_DONE)
 
-    async def _work(self, queue: asyncio.Queue[_WorkItem | None], client: ChatClient) -> None:
-        while (item := await queue.get()) is not _DONE:
+    async def _work(self, queue: asyncio.Queue[RowRequest | None], sending: Sending) -> None:
+        while (request := await queue.get()) is not _DONE:
             if self._stopping:
                 continue  # drain without sending: the next run picks these rows up
-            outcome = await self._attempt_row(item, client)
+            outcome = await attempt_row(request, sending)
             if outcome is None:
                 continue
-            result, failure = outcome
-            self._finish(item.position, result)
+            self._journal(request.position, outcome.result)
+            failure = outcome.failure
             if self._streak.record(failure.signature if failure else None):
                 raise RunAborted(
                     f"stopped after {self._streak.count} rows in a row failed the same way "
                     f"({failure.message if failure else ''}); fix the job and run again, the "
                     "checkpoint is kept (retry.stop_after_identical_failures sets the count)")
 
-    async def _attempt_row(self, item: _WorkItem, client: ChatClient
-                           ) -> tuple[RowResult, ApiError | None] | None:
-        """Send one row until it succeeds, fails for good (with the last error),
-        or the run stops (None)."""
-        max_output = self.job.max_output_tokens
-        n_choices = int(self.job.params.get("n", 1) or 1)
-        attempts = 0
-        while True:
-            output_guess = max_output if max_output is not None else self._output_estimate.value
-            reservation = await self._limiter.acquire(
-                item.prompt_tokens_estimate + output_guess * n_choices)
-            if self._stopping:
-                return None
-            attempts += 1
-            self.stats.requests += 1
-            try:
-                response = await client.complete(item.body)
-            except ApiError as error:
-                self._limiter.observe(parse_rate_limits(error.headers), reservation.tokens)
-                if error.verdict is Verdict.ABORT:
-                    raise RunAborted(f"the server refused the run: {error.message}; the "
-                                     "checkpoint is kept, fix the cause and run again") from None
-                if error.is_rate_limit:
-                    self.stats.rate_limited += 1
-                    self._limiter.on_rate_limited()
-                delay = self._policy.delay_before_retry(attempts, error, self._runtime.rng)
-                if delay is None:
-                    return RowResult.failed(error.message, attempts), error
-                await self._runtime.sleep(delay)
-                if self._stopping:
-                    return None
-                continue
-            self._limiter.observe(parse_rate_limits(response.headers), reservation.tokens)
-            completion = response.completion
-            if completion.completion_tokens is not None:
-                self._output_estimate.observe(completion.completion_tokens)
-            self._limiter.settle(reservation, _charged_tokens(
-                completion.prompt_tokens, completion.completion_tokens, max_output, n_choices))
-            return RowResult(
-                reply=completion.reply,
-                finish_reason=completion.finish_reason,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                total_tokens=completion.total_tokens,
-                cached_tokens=completion.cached_tokens,
-                reasoning_tokens=completion.reasoning_tokens,
-                refusal=completion.refusal,
-                status=STATUS_OK,
-                error=None,
-                attempts=attempts,
-                latency_s=round(response.latency_s, 4),
-            ), None
-
-    def _finish(self, position: int, result: RowResult) -> None:
+    def _journal(self, position: int, result: RowResult) -> None:
         self._checkpoint.append(position, result)
         assert self._progress is not None
         self._progress.update(result)
-
-    # -- results --------------------------------------------------------------------------
-
-    def _write_results(self) -> RunReport:
-        output = self.job.output
-        assert output is not None
-        schema = results_schema(self.prepared.reader.schema)
-        failed = 0
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            nonlocal failed
-            position = 0
-            for batch in _limited(self.prepared.reader, self.prepared.limit):
-                records = self._checkpoint.read(position, position + batch.num_rows)
-                failed += sum(1 for record in records
-                              if record is None or record["status"] != STATUS_OK)
-                yield attach_results(batch, records, schema)
-                position += batch.num_rows
-
-        rows = write_results(output.path, schema, batches())
-        self._checkpoint.sync()
-        return RunReport(self.stats, rows, failed, output.path)
 
     @contextlib.contextmanager
     def _signals_handled(self) -> Iterator[None]:
@@ -523,15 +286,3 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
         if isinstance(leaf, BatcherError):
             return leaf
     return leaves[0]
-
-
-def _charged_tokens(prompt: int | None, completion: int | None, max_output: int | None,
-                    n_choices: int) -> int | None:
-    """Tokens the server counts against TPM: it keeps the whole ``max_tokens``
-    reservation, so only the prompt part is reconciled when one is set."""
-    if prompt is None:
-        return None
-    if max_output is not None:
-        return prompt + max_output * n_choices
-    return None if completion is None else prompt + completion
-

@@ -588,9 +588,9 @@ def _drain(handle: IO[bytes]) -> str:
 
 
 def summary_line(run: BatcherRun) -> str:
-    """batcher's own end-of-run summary (the ``batcher: N/M rows done ...`` line)."""
+    """batcher's own end-of-run summary (the ``batcher: N rows: ... ok ...`` line)."""
     for line in run.stderr.splitlines():
-        if line.startswith("batcher: ") and "rows done" in line:
+        if line.startswith("batcher: ") and "from the checkpoint" in line:
             return line.removeprefix("batcher: ")
     return "(no summary line)"
 

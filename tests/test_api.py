@@ -20,6 +20,7 @@ from conftest import TEST_KEY, job_dict, prompts_csv, write_job
 
 import batcher
 import batcher.api
+import batcher.api.bridge
 import batcher.runner
 from batcher.mock_server import MockServer, reply_for
 from batcher.pricing import price_for
@@ -287,7 +288,7 @@ def test_a_second_interrupt_cancels_a_stalled_request(
         return frame is not None and frame.f_code.co_name == "wait" and frame.f_code.co_filename \
             == threading.__file__
 
-    monkeypatch.setattr(batcher.api, "RunControl", RecordingControl)
+    monkeypatch.setattr(batcher.api.bridge, "RunControl", RecordingControl)
     settings = {"model": "gpt-4o-mini", "base_url": server.base_url, "concurrency": 1,
                 "checkpoint": tmp_path / "stall.ckpt", "progress": False}
     when(lambda: prompts[2] in sent(server), ctrl_c)  # graceful: the stalled request may finish

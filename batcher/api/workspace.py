@@ -1,0 +1,79 @@
+"""Where a DataFrame call's files live: a scratch folder, or a folder kept
+for this Python session when the call names no checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from batcher.config import InputSpec, Job, OutputSpec
+from batcher.preflight import fingerprint
+
+INPUT_NAME = "input.parquet"
+RESULTS_NAME = "results.parquet"
+
+
+def relocated(job: Job, folder: Path) -> Job:
+    """The validated job pointed at its working folder (all three paths distinct)."""
+    assert job.output is not None
+    return job.model_copy(update={
+        "input": InputSpec(path=folder / INPUT_NAME),
+        "output": OutputSpec(path=folder / RESULTS_NAME, checkpoint=job.output.checkpoint),
+    })
+
+
+def session_key(payload: bytes, job: Job) -> str:
+    """What makes two calls the same: the checkpoint's own fingerprint of them."""
+    return fingerprint(job, hashlib.blake2b(payload, digest_size=16).hexdigest())
+
+
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="batcher-") as folder:
+        yield Path(folder)
+
+
+class _SessionFolders:
+    """Working folders of calls made without ``checkpoint=``.
+
+    A call's folder is named after what it sends, so an interrupted call
+    leaves its journal where the same call, made again, finds it. A folder
+    is removed when its call succeeds, and all of them at interpreter exit.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._root: tempfile.TemporaryDirectory[str] | None = None
+        self._busy: set[str] = set()
+
+    @contextlib.contextmanager
+    def folder(self, key: str) -> Iterator[Path]:
+        with self._lock:
+            if self._root is None:
+                self._root = tempfile.TemporaryDirectory(prefix="batcher-session-")
+            root = Path(self._root.name)
+            busy = key in self._busy
+            self._busy.add(key)
+        if busy:  # the same call is running right now (asyncio.gather?): run it apart
+            with scratch_folder() as folder:
+                yield folder
+            return
+        path = root / key
+        succeeded = False
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            yield path
+            succeeded = True
+        finally:
+            with self._lock:
+                self._busy.discard(key)
+            if succeeded:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+SESSION = _SessionFolders()
