@@ -1,21 +1,45 @@
-"""Shared fixtures: job files written into a temp folder, and the mock server."""
+"""Shared fixtures and helpers: job files in a temp folder, the mock server, the
+command line (in-process, or as a real process where the process is the point),
+polling, and readers for checkpoints and results.
+
+Test files import the helpers with ``from conftest import ...`` (pytest puts
+tests/ on ``sys.path``); each helper exists here once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from click.testing import CliRunner
 
-from batcher.mock_server import MockConfig, MockServer
+from batcher.cli import main
+from batcher.config import job_from_dict, load_job
+from batcher.jobs import arun_job
+from batcher.mock_server import MockConfig, MockServer, reply_for
+from batcher.runner import RunOptions, RunReport
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk-test-0123456789abcdefSECRET"
+ENV = {"BATCHER_TEST_KEY": TEST_KEY}
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ws_proxy",
+                   "wss_proxy")
+
+
+# -- fixtures --------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -40,9 +64,10 @@ def make_mock() -> Iterator[Callable[..., MockServer]]:
         server.stop()
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
-    import csv
+# -- inputs and jobs -------------------------------------------------------------------------
 
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -50,9 +75,14 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     return path
 
 
+def prompt_text(i: int) -> str:
+    """The prompt ``prompts_csv`` writes for row ``i``."""
+    return f"Prompt number {i}: say something."
+
+
 def prompts_csv(folder: Path, count: int, name: str = "prompts.csv") -> Path:
     return write_csv(folder / name, ["id", "text"],
-                     [[f"row{i:04d}", f"Prompt number {i}: say something."] for i in range(count)])
+                     [[f"row{i:04d}", prompt_text(i)] for i in range(count)])
 
 
 def job_dict(base_url: str, input_path: Path, output_path: Path,
@@ -81,8 +111,160 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
     return path
 
 
-def run_cli(*args: str, env_extra: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "BATCHER_TEST_KEY": TEST_KEY, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "batcher", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=timeout, check=False)
+# -- running a job in-process ----------------------------------------------------------------
+
+
+def run_job(job: Path | dict[str, Any], *, base: Path | None = None,
+            environ: dict[str, str] | None = None, **options: Any) -> RunReport:
+    """Run a job file, or a job given as a dict (paths resolved against ``base``),
+    in this process: no progress bar, no signal handlers, the test key."""
+    runtime = options.pop("runtime", None)
+    options.setdefault("progress", False)
+    options.setdefault("handle_signals", False)
+    if isinstance(job, Path):
+        parsed = load_job(job)
+    else:
+        parsed = job_from_dict(job, base_dir=base or REPO, source="test.yaml",
+                               require_output=True)
+    return asyncio.run(arun_job(parsed, RunOptions(**options), runtime=runtime,
+                                environ=ENV if environ is None else environ))
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What a ``batcher`` command did: the shape of ``subprocess.CompletedProcess``,
+    so an in-process run and a real process are checked the same way."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_env(extra: dict[str, str] | None = None, key: str = TEST_KEY) -> dict[str, str]:
+    """The environment of a ``batcher`` command: the key, no inherited proxy settings."""
+    env = {name: value for name, value in os.environ.items()
+           if name.lower() not in PROXY_VARIABLES}
+    env["BATCHER_TEST_KEY"] = key
+    env.update(extra or {})
+    return env
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> Ran:
+    """``batcher ARGS`` in this process (click's runner): everything a command does
+    except being a process of its own. ``env`` replaces the environment as
+    :func:`cli_env` builds it. An exception that escapes the command fails the
+    test (a user would have seen a traceback)."""
+    env = env or cli_env()
+    unset: dict[str, str | None] = {name: None for name in os.environ if name not in env}
+    result = CliRunner().invoke(main, list(args), env={**unset, **env},
+                                catch_exceptions=False)
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+def cli_process(*args: str, env: dict[str, str] | None = None,
+                preexec_fn: Callable[[], None] | None = None,
+                timeout: float = 120) -> Ran:
+    """``batcher ARGS`` as a real process: for what only a process shows (a
+    resource limit set before it starts, real stdio, exit by signal)."""
+    done = subprocess.run([sys.executable, "-m", "batcher", *args], capture_output=True,
+                          text=True, env=env or cli_env(), preexec_fn=preexec_fn,
+                          timeout=timeout, check=False)
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def start_run(job: Path, *args: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[str]:
+    """``batcher run JOB -q`` as a process left running: to be signalled or killed."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "batcher", "run", str(job), "-q", *args],
+        env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("batcher: error: "), stderr
+    return lines[0]
+
+
+# -- waiting ---------------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen[str] | None = None,
+               timeout: float = 60, what: str = "condition", interval: float = 0.005) -> None:
+    """Poll ``condition``; fail if ``process`` ends first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"process ended (rc {process.returncode}) before {what}: "
+                                 f"{out} {err}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+# -- reading what a run left -----------------------------------------------------------------
+
+
+def names(folder: Path) -> list[str]:
+    return [path.name for path in folder.iterdir()]
+
+
+def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bytes]:
+    """Header, row records and any unterminated tail; every whole line must be JSON."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, [], b""
+    complete, _, tail = data.rpartition(b"\n")
+    records = [orjson.loads(line) for line in complete.split(b"\n")] if complete else []
+    if not records:
+        return None, [], tail
+    header, *rows = records
+    assert header.get("batcher_checkpoint") == 1, header
+    return header, rows, tail
+
+
+def journal_lines(path: Path) -> int:
+    """Whole lines in a checkpoint (the header included): cheap enough to poll."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def ok_positions(path: Path) -> set[int]:
+    latest: dict[int, dict[str, Any]] = {}
+    for row in read_journal(path)[1]:
+        latest[row["i"]] = row
+    return {i for i, row in latest.items() if row["status"] == "ok"}
+
+
+def check_journal_replies(path: Path, texts: list[str]) -> None:
+    """Every ok line in the journal holds the reply to its own row's prompt."""
+    for row in read_journal(path)[1]:
+        if row["status"] == "ok":
+            assert row["reply"] == reply_for(texts[row["i"]]), row
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A results file as plain dicts of exact values (no pandas NA guessing)."""
+    if path.suffix == ".parquet":
+        rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+        return rows
+    if path.suffix == ".jsonl":
+        return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_frame(path: Path) -> pd.DataFrame:
+    """A results file as pandas reads it, ids kept as text."""
+    if path.suffix == ".csv":
+        return pd.read_csv(path, dtype={"id": str}, keep_default_na=False, na_values=[""])
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_json(path, lines=True, dtype={"id": str})
