@@ -30,7 +30,7 @@ from batcher.cli import main
 from batcher.config import job_from_dict, load_job
 from batcher.jobs import arun_job
 from batcher.mock_server import MockConfig, MockServer, reply_for
-from batcher.runner import RunOptions, RunReport
+from batcher.runner import RunOptions, RunReport, Runtime
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk-test-0123456789abcdefSECRET"
@@ -114,11 +114,11 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
 # -- running a job in-process ----------------------------------------------------------------
 
 
-def run_job(job: Path | dict[str, Any], *, base: Path | None = None,
-            environ: dict[str, str] | None = None, **options: Any) -> RunReport:
+def run_job(job: Path | dict[str, Any], base: Path | None = None, *,
+            runtime: Runtime | None = None, environ: dict[str, str] | None = None,
+            **options: Any) -> RunReport:
     """Run a job file, or a job given as a dict (paths resolved against ``base``),
     in this process: no progress bar, no signal handlers, the test key."""
-    runtime = options.pop("runtime", None)
     options.setdefault("progress", False)
     options.setdefault("handle_signals", False)
     if isinstance(job, Path):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import TEST_KEY, job_dict, prompts_csv, write_job
+from conftest import TEST_KEY, job_dict, prompts_csv, wait_until, write_job
 
 import batcher
 import batcher.api
@@ -68,11 +68,7 @@ def when() -> Iterator[Callable[[Callable[[], bool], Callable[[], object]], None
 
     def arm(ready: Callable[[], bool], act: Callable[[], object]) -> None:
         def watch() -> None:
-            deadline = time.monotonic() + 20
-            while not ready():
-                if time.monotonic() > deadline:
-                    return
-                time.sleep(0.005)
+            wait_until(ready, timeout=20, what="the moment to act")
             act()
 
         thread = threading.Thread(target=watch, daemon=True)

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from conftest import wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -469,9 +470,7 @@ def test_stop_with_a_stalled_request_returns_promptly(caplog: pytest.LogCaptureF
 
     thread = threading.Thread(target=client)
     thread.start()
-    deadline = time.monotonic() + 5
-    while server.stats.in_flight == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: server.stats.in_flight > 0, timeout=5, what="the request in flight")
     assert server.stats.in_flight == 1
 
     started = time.monotonic()

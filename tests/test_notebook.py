@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+from conftest import wait_until
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -152,10 +152,8 @@ def call():
 
     # The kernel's stop button sends SIGINT; the cell is blocked in the sync call.
     running = kernel.start("out = call()")
-    deadline = time.monotonic() + 30
-    while sum(server.stats.snapshot()["ok_prompts"].values()) < 5:
-        assert time.monotonic() < deadline, "the run never got going"
-        time.sleep(0.01)
+    wait_until(lambda: sum(server.stats.snapshot()["ok_prompts"].values()) >= 5, timeout=30,
+               what="the run to get going", interval=0.01)
     kernel_manager.interrupt_kernel()
     interrupted = kernel.finish(running)
     assert interrupted["error"] is not None

@@ -15,7 +15,6 @@ Runs go in-process (``arun_job``) against one mock server per module.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import math
@@ -24,23 +23,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import TEST_KEY, job_dict, write_job
+from conftest import TEST_KEY, job_dict, read_rows, run_job, write_job
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from batcher.config import load_job
 from batcher.errors import ConfigError, DataError
-from batcher.jobs import arun_job
 from batcher.mock_server import MockConfig, MockServer, reply_for
 from batcher.records import RESULT_COLUMNS
-from batcher.runner import RunOptions, RunReport, prepare
+from batcher.runner import prepare
 
-ENV = {"BATCHER_TEST_KEY": TEST_KEY}
 PROPERTY_SETTINGS = settings(
     max_examples=25,
     deadline=None,
@@ -53,22 +49,6 @@ PROPERTY_SETTINGS = settings(
 def server() -> Iterator[MockServer]:
     with MockServer(MockConfig(api_key=TEST_KEY)) as mock:
         yield mock
-
-
-def run_in_process(job_path: Path) -> RunReport:
-    job = load_job(job_path)
-    return asyncio.run(arun_job(job, RunOptions(progress=False, handle_signals=False),
-                                environ=ENV))
-
-
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """The results as plain dicts of exact values (no pandas NA guessing)."""
-    if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
-    if path.suffix == ".jsonl":
-        return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-    with path.open(encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 # -- CSV round trip ------------------------------------------------------------------------
@@ -136,9 +116,9 @@ def test_any_csv_round_trips_row_for_row(server: MockServer,
         job_data = job_dict(server.base_url, source, output)
         job_data["prompt"] = prompt
         job = write_job(base / "job.yaml", job_data)
-        report = run_in_process(job)
+        report = run_job(job)
 
-        results = read_results(output)
+        results = read_rows(output)
         assert report.rows == len(rows) == len(results)
         for row, result in zip(rows, results, strict=True):
             # Input columns come back unchanged, in input order.
@@ -206,7 +186,7 @@ def test_garbled_csv_is_usable_or_a_data_error(server: MockServer, content: byte
             return
         # Accepted: the whole job must then run, one result row per input row.
         try:
-            report = run_in_process(job_path)
+            report = run_job(job_path)
         except DataError as error:  # found only while sending: then nothing may be lost
             raise AssertionError(f"input accepted by prepare() failed mid-run: {error}"
                                  ) from None
@@ -403,11 +383,11 @@ def test_a_digit_column_name_in_a_template(tmp_path: Path, server: MockServer) -
     job_data["prompt"] = {"template": "Say {0}"}
     job_path = write_job(tmp_path / "job.yaml", job_data)
     try:
-        report = run_in_process(job_path)
+        report = run_job(job_path)
     except (ConfigError, DataError):
         return  # refused up front, before anything was sent: acceptable
     assert report.exit_code == 0
-    replies = [row["reply"] for row in read_results(tmp_path / "out.jsonl")]
+    replies = [row["reply"] for row in read_rows(tmp_path / "out.jsonl")]
     assert replies == [reply_for("Say hello"), reply_for("Say world")]
 
 

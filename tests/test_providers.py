@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import TEST_KEY, job_dict, prompts_csv, run_cli, write_csv, write_job
+from conftest import (
+    TEST_KEY,
+    cli,
+    cli_env,
+    job_dict,
+    prompts_csv,
+    run_job,
+    write_csv,
+    write_job,
+)
 
-from batcher.config import job_from_dict
 from batcher.errors import RunAborted
-from batcher.jobs import arun_job
 from batcher.mock_server import MockServer, reply_for
-from batcher.runner import RunOptions, RunReport
-
-ENV = {"BATCHER_TEST_KEY": TEST_KEY}
-
-
-def run_job(job: dict[str, Any], base: Path) -> RunReport:
-    parsed = job_from_dict(job, base_dir=base, source="test.yaml", require_output=True)
-    return asyncio.run(arun_job(parsed, RunOptions(progress=False, handle_signals=False),
-                                environ=ENV))
 
 
 @pytest.mark.parametrize(("auth", "where"), [
@@ -54,7 +51,7 @@ def test_key_as_query_parameter_is_redacted_everywhere(tmp_path: Path, make_mock
                        [["a", "fine"], ["b", "[[fault:400]] echoes the key"]])
     job = write_job(tmp_path / "job.yaml", job_dict(
         server.base_url, source, tmp_path / "out.csv", endpoint={"auth": {"query": "api_key"}}))
-    result = run_cli("run", str(job))
+    result = cli("run", str(job))
     assert result.returncode == 1, result.stderr
     assert f"api_key={TEST_KEY}" in server.stats.snapshot()["paths_seen"][-1]
     # Unreachable server: the connection error names the URL, with the key masked.
@@ -62,7 +59,7 @@ def test_key_as_query_parameter_is_redacted_everywhere(tmp_path: Path, make_mock
         "http://127.0.0.1:9/v1", source, tmp_path / "dead.csv",
         endpoint={"auth": {"query": "api_key"}, "timeout_s": 1},
         retry={"max_attempts": 1}))
-    unreachable = run_cli("run", str(dead))
+    unreachable = cli("run", str(dead))
     assert unreachable.returncode == 1
     texts = [result.stdout, result.stderr, unreachable.stdout, unreachable.stderr,
              (tmp_path / "out.csv").read_text(), (tmp_path / "out.ckpt").read_text(),
@@ -156,10 +153,10 @@ def test_requests_go_through_the_proxy_from_the_environment(tmp_path: Path,
         "http://127.0.0.2:9/v1", prompts_csv(tmp_path, 4), tmp_path / "out.csv",
         retry={"max_attempts": 1}))
     env = {"HTTP_PROXY": proxy.root_url, "NO_PROXY": "", "no_proxy": ""}
-    result = run_cli("run", str(job), "-q", env_extra=env)
+    result = cli("run", str(job), "-q", env=cli_env(env))
     assert result.returncode == 0, result.stderr
     assert proxy.stats.snapshot()["requests_total"] == 4
-    bypassed = run_cli("run", str(job), "-q", "--fresh",
-                       env_extra={**env, "NO_PROXY": "127.0.0.2", "no_proxy": "127.0.0.2"})
+    bypassed = cli("run", str(job), "-q", "--fresh",
+                       env=cli_env({**env, "NO_PROXY": "127.0.0.2", "no_proxy": "127.0.0.2"}))
     assert bypassed.returncode == 1  # straight to 127.0.0.2:9, where nothing listens
     assert proxy.stats.snapshot()["requests_total"] == 4

@@ -9,36 +9,22 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import TEST_KEY, job_dict, prompts_csv, run_cli, write_csv, write_job
+from conftest import (
+    TEST_KEY,
+    cli,
+    cli_env,
+    job_dict,
+    prompts_csv,
+    read_frame,
+    run_job,
+    write_csv,
+    write_job,
+)
 
-from batcher.config import job_from_dict
 from batcher.errors import RunAborted
-from batcher.jobs import arun_job
 from batcher.mock_server import MockServer, reply_for
 from batcher.records import RESULT_COLUMNS
-from batcher.runner import RunOptions, RunReport, Runtime
-
-ENV = {"BATCHER_TEST_KEY": TEST_KEY}
-
-
-def make_job(job: dict[str, Any], base: Path) -> Any:
-    return job_from_dict(job, base_dir=base, source="test.yaml", require_output=True)
-
-
-def run_job(job: dict[str, Any], base: Path, runtime: Runtime | None = None,
-            **options: Any) -> RunReport:
-    options.setdefault("progress", False)
-    options.setdefault("handle_signals", False)
-    return asyncio.run(arun_job(make_job(job, base), RunOptions(**options), runtime=runtime,
-                                environ=ENV))
-
-
-def read_results(path: Path) -> pd.DataFrame:
-    if path.suffix == ".csv":
-        return pd.read_csv(path, dtype={"id": str}, keep_default_na=False, na_values=[""])
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_json(path, lines=True, dtype={"id": str})
+from batcher.runner import Runtime
 
 
 def write_input(folder: Path, fmt: str, count: int) -> Path:
@@ -63,7 +49,7 @@ def test_every_input_and_output_format(tmp_path: Path, mock_server: MockServer, 
     output = tmp_path / f"results.{out_fmt}"
     report = run_job(job_dict(mock_server.base_url, source, output), tmp_path)
     assert report.exit_code == 0 and report.rows == 25
-    frame = read_results(output)
+    frame = read_frame(output)
     assert list(frame.columns) == ["id", "text", "n", *RESULT_COLUMNS]
     assert list(frame["id"]) == [f"row{i:04d}" for i in range(25)]  # input order
     assert all(frame["reply"] == [reply_for(text) for text in frame["text"]])
@@ -85,7 +71,7 @@ def test_template_and_system_prompt(tmp_path: Path, make_mock: Any) -> None:
     job["prompt"] = {k: v for k, v in job["prompt"].items() if v is not None}
     job["endpoint"] = {k: v for k, v in job["endpoint"].items() if v is not None}
     run_job(job, tmp_path)
-    frame = read_results(tmp_path / "out.jsonl")
+    frame = read_frame(tmp_path / "out.jsonl")
     assert list(frame["reply"]) == [reply_for("Review of Kettle:\nBoils fast."),
                                     reply_for("Review of Lamp:\nToo dim {sic}.")]
 
@@ -107,7 +93,7 @@ def test_transient_faults_are_retried_and_retry_after_is_honoured(tmp_path: Path
                               limits={"concurrency": 1}),
                      tmp_path, runtime=Runtime(sleep=recording_sleep))
     assert report.exit_code == 0
-    frame = read_results(tmp_path / "out.parquet").set_index("id")
+    frame = read_frame(tmp_path / "out.parquet").set_index("id")
     assert list(frame["attempts"]) == [1, 3, 2, 3, 2, 2]
     assert set(frame["status"]) == {"ok"}
     # The 429s and the 503 carried retry-after 0.2 s: each of those waits honoured it.
@@ -121,7 +107,7 @@ def test_permanent_400_is_a_row_error_and_the_run_goes_on(tmp_path: Path,
                        [["a", "fine"], ["b", "[[fault:400]] bad"], ["c", "fine too"], ["d", " "]])
     report = run_job(job_dict(mock_server.base_url, source, tmp_path / "out.csv"), tmp_path)
     assert report.exit_code == 1 and report.failed_rows == 2
-    frame = read_results(tmp_path / "out.csv").set_index("id")
+    frame = read_frame(tmp_path / "out.csv").set_index("id")
     assert list(frame["status"]) == ["ok", "error", "ok", "error"]
     assert frame.loc["b", "error"].startswith("HTTP 400")
     assert frame.loc["b", "attempts"] == 1  # not retried
@@ -148,7 +134,7 @@ def test_cli_abort_exit_code_and_wrong_key(tmp_path: Path, mock_server: MockServ
     source = prompts_csv(tmp_path, 50)
     job = write_job(tmp_path / "job.yaml", job_dict(mock_server.base_url, source,
                                                     tmp_path / "out.csv"))
-    result = run_cli("run", str(job), "-q", env_extra={"BATCHER_TEST_KEY": "sk-wrong-key-123456"})
+    result = cli("run", str(job), "-q", env=cli_env({"BATCHER_TEST_KEY": "sk-wrong-key-123456"}))
     assert result.returncode == 3, result.stderr
     assert "HTTP 401" in result.stderr and "checkpoint is kept" in result.stderr
     assert "Traceback" not in result.stderr
@@ -160,7 +146,7 @@ def test_limit_runs_only_the_first_rows_and_resume_skips_done_rows(
     source = prompts_csv(tmp_path, 30)
     job = job_dict(mock_server.base_url, source, tmp_path / "out.csv")
     report = run_job(job, tmp_path, limit=10)
-    assert report.rows == 10 and len(read_results(tmp_path / "out.csv")) == 10
+    assert report.rows == 10 and len(read_frame(tmp_path / "out.csv")) == 10
     report = run_job(job, tmp_path)
     assert report.rows == 30 and report.stats.already_done == 10
     assert mock_server.stats.snapshot()["requests_total"] == 30  # nothing sent twice
@@ -172,7 +158,7 @@ def test_limit_zero_is_an_empty_run(tmp_path: Path, mock_server: MockServer) -> 
     source = prompts_csv(tmp_path, 5)
     job = write_job(tmp_path / "job.yaml", job_dict(mock_server.base_url, source,
                                                     tmp_path / "out.csv"))
-    result = run_cli("run", str(job), "-q", "--limit", "0")
+    result = cli("run", str(job), "-q", "--limit", "0")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out.csv").read_text().splitlines()[0].startswith('"id","text"')
     assert len((tmp_path / "out.csv").read_text().splitlines()) == 1
@@ -183,11 +169,11 @@ def test_dry_run_and_validate_send_nothing(tmp_path: Path, mock_server: MockServ
     source = prompts_csv(tmp_path, 40)
     job = write_job(tmp_path / "job.yaml", job_dict(mock_server.base_url, source,
                                                     tmp_path / "out.csv"))
-    result = run_cli("run", str(job), "--dry-run")
+    result = cli("run", str(job), "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "40 rows" in result.stdout and "at most 2,560 completion tokens" in result.stdout
     assert "$" in result.stdout  # gpt-4o-mini's price is known
-    result = run_cli("validate", str(job))
+    result = cli("validate", str(job))
     assert result.returncode == 0 and "40 rows" in result.stdout
     assert mock_server.stats.snapshot()["requests_total"] == 0
     assert not (tmp_path / "out.csv").exists()
@@ -199,10 +185,10 @@ def test_key_never_reaches_output_logs_or_checkpoint(tmp_path: Path, make_mock: 
                        [["a", "fine"], ["b", "[[fault:400]] echo"], ["c", "[[fault:500*1]] x"]])
     job = write_job(tmp_path / "job.yaml",
                     job_dict(server.base_url, source, tmp_path / "out.jsonl"))
-    result = run_cli("run", str(job))
+    result = cli("run", str(job))
     assert result.returncode == 1, result.stderr
-    wrong = run_cli("run", str(tmp_path / "job.yaml"), "--fresh",
-                    env_extra={"BATCHER_TEST_KEY": "sk-wrong-but-secret-999999"})
+    wrong = cli("run", str(tmp_path / "job.yaml"), "--fresh",
+                    env=cli_env({"BATCHER_TEST_KEY": "sk-wrong-but-secret-999999"}))
     assert wrong.returncode == 3
     for text in (result.stdout, result.stderr, wrong.stdout, wrong.stderr,
                  (tmp_path / "out.jsonl").read_text(), (tmp_path / "out.ckpt").read_text()):
