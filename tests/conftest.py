@@ -48,8 +48,11 @@ def mock_server() -> Iterator[MockServer]:
         yield server
 
 
+MakeMock = Callable[..., MockServer]  # the make_mock fixture: MockConfig keywords in
+
+
 @pytest.fixture
-def make_mock() -> Iterator[Callable[..., MockServer]]:
+def make_mock() -> Iterator[MakeMock]:
     """Start a mock server with any config; stopped at the end of the test."""
     servers: list[MockServer] = []
 
@@ -259,6 +262,12 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     with path.open(encoding="utf-8", newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def cell(frame: pd.DataFrame, row: str, column: str) -> Any:
+    """One value of a results frame: pandas-stubs types a scalar lookup as the union
+    of every cell type there is, and tests compare cells with plain values."""
+    return frame.loc[row, column]
 
 
 def read_frame(path: Path) -> pd.DataFrame:

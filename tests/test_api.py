@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import TEST_KEY, job_dict, prompts_csv, wait_until, write_job
+from conftest import TEST_KEY, MakeMock, job_dict, prompts_csv, wait_until, write_job
 
 import batcher
 import batcher.api
@@ -30,7 +30,7 @@ KEY_ENV = "BATCHER_TEST_KEY"
 
 
 @pytest.fixture
-def keyed_server(monkeypatch: pytest.MonkeyPatch, make_mock: Any) -> MockServer:
+def keyed_server(monkeypatch: pytest.MonkeyPatch, make_mock: MakeMock) -> MockServer:
     monkeypatch.setenv(KEY_ENV, TEST_KEY)
     server: MockServer = make_mock(api_key=TEST_KEY)
     return server
@@ -162,7 +162,7 @@ def test_failed_rows_are_data_and_the_summary_counts_them(keyed_server: MockServ
     assert (summary["ok"], summary["errors"]) == (2, 2)
 
 
-def test_api_key_is_held_in_memory_only(tmp_path: Path, make_mock: Any,
+def test_api_key_is_held_in_memory_only(tmp_path: Path, make_mock: MakeMock,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     server = make_mock(api_key=TEST_KEY, echo_key_in_errors=True)
@@ -229,7 +229,7 @@ def test_empty_frame_gives_an_empty_result(keyed_server: MockServer) -> None:
 
 
 def test_interrupt_keeps_the_checkpoint_and_the_same_call_resumes(
-        tmp_path: Path, make_mock: Any, when: Any) -> None:
+        tmp_path: Path, make_mock: MakeMock, when: Any) -> None:
     server = make_mock(latency_s=0.05)
     checkpoint = tmp_path / "nb" / "reviews.ckpt"
 
@@ -269,7 +269,7 @@ def test_interrupt_keeps_the_checkpoint_and_the_same_call_resumes(
 
 
 def test_a_second_interrupt_cancels_a_stalled_request(
-        tmp_path: Path, make_mock: Any, when: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, make_mock: MakeMock, when: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     server = make_mock(stall_s=30)
     prompts = ["first", "second", "[[fault:stall*1]] hangs once", "fourth"]
     stops: list[int] = []
@@ -285,8 +285,9 @@ def test_a_second_interrupt_cancels_a_stalled_request(
             == threading.__file__
 
     monkeypatch.setattr(batcher.api.bridge, "RunControl", RecordingControl)
-    settings = {"model": "gpt-4o-mini", "base_url": server.base_url, "concurrency": 1,
-                "checkpoint": tmp_path / "stall.ckpt", "progress": False}
+    settings: dict[str, Any] = {"model": "gpt-4o-mini", "base_url": server.base_url,
+                                "concurrency": 1, "checkpoint": tmp_path / "stall.ckpt",
+                                "progress": False}
     when(lambda: prompts[2] in sent(server), ctrl_c)  # graceful: the stalled request may finish
     when(lambda: len(stops) == 1 and main_thread_waiting(), ctrl_c)  # impatient: cancel it
     started = time.monotonic()
@@ -301,10 +302,11 @@ def test_a_second_interrupt_cancels_a_stalled_request(
 
 
 def test_without_a_checkpoint_an_interrupted_call_resumes_in_this_session(
-        make_mock: Any, when: Any) -> None:
+        make_mock: MakeMock, when: Any) -> None:
     server = make_mock(latency_s=0.05)
-    settings = {"prompt_column": "text", "model": "gpt-4o-mini", "base_url": server.base_url,
-                "concurrency": 2, "progress": False}
+    settings: dict[str, Any] = {"prompt_column": "text", "model": "gpt-4o-mini",
+                                "base_url": server.base_url, "concurrency": 2,
+                                "progress": False}
     when(lambda: answered(server) >= 5, ctrl_c)
     with pytest.raises(KeyboardInterrupt, match="for this Python session"):
         batcher.run_dataframe(reviews(30), **settings)
@@ -345,10 +347,11 @@ def test_run_a_job_file_a_job_dict_and_the_async_twin(
 
 
 def test_cancelling_the_async_twin_keeps_finished_rows_for_the_same_call(
-        tmp_path: Path, make_mock: Any, when: Any) -> None:
+        tmp_path: Path, make_mock: MakeMock, when: Any) -> None:
     server = make_mock(latency_s=0.05)
-    settings = {"prompt_column": "text", "model": "gpt-4o-mini", "base_url": server.base_url,
-                "concurrency": 2, "checkpoint": tmp_path / "async.ckpt", "progress": False}
+    settings: dict[str, Any] = {"prompt_column": "text", "model": "gpt-4o-mini",
+                                "base_url": server.base_url, "concurrency": 2,
+                                "checkpoint": tmp_path / "async.ckpt", "progress": False}
 
     async def cancel_midway() -> None:
         loop = asyncio.get_running_loop()

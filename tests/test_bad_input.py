@@ -248,11 +248,11 @@ def test_bad_input_through_the_command_line(tmp_path: Path, mock_server: MockSer
         job = job_dict(mock_server.base_url, source, folder / "out.csv")
         BAD_INPUTS[case][0](folder, job)
         jobs.append(write_job(folder / "job.yaml", job))
-    results = [cli("run", str(job)) for job in jobs]
-    for case, job, result in zip(cases, jobs, results, strict=True):
+    results = [cli("run", str(path)) for path in jobs]
+    for case, path, result in zip(cases, jobs, results, strict=True):
         assert result.returncode == 2, (case, result.stderr)
         assert BAD_INPUTS[case][1] in one_error_line(result.stderr), case
-        assert (job.parent / "out.csv").read_text() == RESULTS_BEFORE
+        assert (path.parent / "out.csv").read_text() == RESULTS_BEFORE
     assert mock_server.stats.snapshot()["requests_total"] == 0
 
 

@@ -15,13 +15,13 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
     TEST_KEY,
+    MakeMock,
     check_journal_replies,
     cli,
     job_dict,
@@ -69,7 +69,7 @@ TEMP_NAME = re.compile(r"^\.out\.parquet\..+\.tmp$")
 
 
 def test_random_sigkills_then_one_more_run_lose_nothing_and_resend_only_in_flight(
-        tmp_path: Path, make_mock: Any) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     """At least 10 SIGKILLs across one job, some mid-send, some at the final results
     write; one more run then gives exactly one correct row per input row."""
     server: MockServer = make_mock(api_key=TEST_KEY, latency_s=0.015)
@@ -97,8 +97,9 @@ def test_random_sigkills_then_one_more_run_lose_nothing_and_resend_only_in_fligh
         at_end = done >= KILL_ROWS - 25 or kills >= 7
         if not at_end:
             # Mid-send: once this run has journaled something, after a random delay.
-            wait_until(lambda lines=lines: journal_lines(checkpoint) > max(lines, 1), process,
-                       what="a row journaled")
+            def journaled_more(before: int = lines) -> bool:
+                return journal_lines(checkpoint) > max(before, 1)
+            wait_until(journaled_more, process, what="a row journaled")
             time.sleep(rng.uniform(0, 0.12))
         elif done < KILL_ROWS:
             # The checkpoint fills up, then the results are written: kill right there.
@@ -197,7 +198,7 @@ def test_a_signal_during_the_results_write_keeps_everything(tmp_path: Path,
 
 
 def test_a_second_run_is_refused_while_one_runs_and_a_killed_run_leaves_no_stuck_lock(
-        tmp_path: Path, make_mock: Any) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     rows, concurrency = 60, 2
     server: MockServer = make_mock(api_key=TEST_KEY, latency_s=0.3)
     checkpoint = tmp_path / "out.ckpt"
@@ -234,7 +235,7 @@ def test_a_second_run_is_refused_while_one_runs_and_a_killed_run_leaves_no_stuck
 
 
 def test_sigkill_then_resume_loses_nothing_and_resends_only_in_flight(
-        tmp_path: Path, make_mock: Any) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     """Two SIGKILLs at known points, then one more run: nothing lost, nothing doubled."""
     rows, concurrency = 240, 4
     server: MockServer = make_mock(api_key=TEST_KEY, latency_s=0.01)
@@ -247,8 +248,9 @@ def test_sigkill_then_resume_loses_nothing_and_resends_only_in_flight(
     kills = 0
     for target in (40, 120):
         process = start_run(job)
-        wait_until(lambda target=target: journal_lines(checkpoint) - 1 >= target, process,
-                   what=f"{target} rows journaled", interval=0.02)
+        def reached(rows: int = target) -> bool:
+            return journal_lines(checkpoint) - 1 >= rows  # the header is a line too
+        wait_until(reached, process, what=f"{target} rows journaled", interval=0.02)
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills += 1

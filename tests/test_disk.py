@@ -12,6 +12,7 @@ from typing import Any
 
 from conftest import (
     TEST_KEY,
+    MakeMock,
     cli,
     cli_process,
     job_dict,
@@ -39,7 +40,7 @@ def file_size_limit(limit: int) -> Callable[[], None]:
 
 
 def test_disk_full_while_journaling_stops_cleanly_and_resumes(tmp_path: Path,
-                                                              make_mock: Any) -> None:
+                                                              make_mock: MakeMock) -> None:
     rows, concurrency = 200, 4
     server: MockServer = make_mock(api_key=TEST_KEY, latency_s=0.005)
     checkpoint = tmp_path / "out.ckpt"
@@ -71,7 +72,7 @@ def test_disk_full_while_journaling_stops_cleanly_and_resumes(tmp_path: Path,
 
 
 def test_disk_full_while_writing_results_keeps_the_old_file_and_the_checkpoint(
-        tmp_path: Path, make_mock: Any) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     rows = 120
     server: MockServer = make_mock(api_key=TEST_KEY)
     # Wide input rows: the results outgrow the size limit, the checkpoint does not.
@@ -96,7 +97,7 @@ def test_disk_full_while_writing_results_keeps_the_old_file_and_the_checkpoint(
 
 
 def test_disk_full_before_the_first_row_sends_nothing_and_leaves_a_usable_checkpoint(
-        tmp_path: Path, make_mock: Any) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=TEST_KEY)
     job = write_job(tmp_path / "job.yaml", job_dict(
         server.base_url, prompts_csv(tmp_path, 10), tmp_path / "out.csv"))

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import wait_until
+from conftest import MakeMock, wait_until
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -137,7 +137,7 @@ def kernel(kernel_manager: KernelManager, tmp_path: Path) -> Iterator[Kernel]:
 
 
 def test_kernel_interrupt_stops_gracefully_and_the_same_cell_resumes(
-        kernel: Kernel, kernel_manager: KernelManager, make_mock: Any, tmp_path: Path) -> None:
+        kernel: Kernel, kernel_manager: KernelManager, make_mock: MakeMock, tmp_path: Path) -> None:
     server: MockServer = make_mock(latency_s=0.05)
     prompts = [f"Prompt number {i}" for i in range(40)]
     setup = kernel.run(f"""

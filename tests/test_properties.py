@@ -60,7 +60,7 @@ NASTY = ["", " ", "  \t ", "NA", "N/A", "null", "NULL", "None", "nan", "NaN", "#
 
 cell_text = st.one_of(
     st.sampled_from(NASTY),
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
             max_size=30),
     st.lists(st.sampled_from(NASTY), min_size=1, max_size=4).map("".join),
 )

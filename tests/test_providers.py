@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 from conftest import (
     TEST_KEY,
+    MakeMock,
+    cell,
     cli,
     cli_env,
     job_dict,
@@ -27,7 +29,7 @@ from batcher.mock_server import MockServer, reply_for
     ({"header": "api-key"}, ("api-key", TEST_KEY)),
     ({"header": "X-Api-Key"}, ("x-api-key", TEST_KEY)),
 ])
-def test_key_in_a_header(tmp_path: Path, make_mock: Any, auth: dict[str, str] | None,
+def test_key_in_a_header(tmp_path: Path, make_mock: MakeMock, auth: dict[str, str] | None,
                          where: tuple[str, str]) -> None:
     server: MockServer = make_mock(api_key=TEST_KEY)
     endpoint: dict[str, Any] = {"headers": {"OpenAI-Organization": "org-test",
@@ -45,7 +47,7 @@ def test_key_in_a_header(tmp_path: Path, make_mock: Any, auth: dict[str, str] | 
         assert "authorization" not in headers
 
 
-def test_key_as_query_parameter_is_redacted_everywhere(tmp_path: Path, make_mock: Any) -> None:
+def test_key_as_query_parameter_is_redacted_everywhere(tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=TEST_KEY, echo_key_in_errors=True)
     source = write_csv(tmp_path / "in.csv", ["id", "text"],
                        [["a", "fine"], ["b", "[[fault:400]] echoes the key"]])
@@ -68,7 +70,7 @@ def test_key_as_query_parameter_is_redacted_everywhere(tmp_path: Path, make_mock
     assert "connection error" in (tmp_path / "dead.csv").read_text()
 
 
-def test_azure_deployment_url_and_api_key_header(tmp_path: Path, make_mock: Any) -> None:
+def test_azure_deployment_url_and_api_key_header(tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=TEST_KEY)
     report = run_job(job_dict(server.root_url, prompts_csv(tmp_path, 2), tmp_path / "o.csv",
                               endpoint={"azure": {"deployment": "gpt4o-prod",
@@ -80,7 +82,7 @@ def test_azure_deployment_url_and_api_key_header(tmp_path: Path, make_mock: Any)
     assert stats["headers_seen"][-1]["api-key"] == TEST_KEY
 
 
-def test_azure_v1_url(tmp_path: Path, make_mock: Any) -> None:
+def test_azure_v1_url(tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=TEST_KEY)
     report = run_job(job_dict(f"{server.root_url}/openai/v1", prompts_csv(tmp_path, 2),
                               tmp_path / "o.csv", endpoint={"auth": {"header": "api-key"}}),
@@ -89,7 +91,7 @@ def test_azure_v1_url(tmp_path: Path, make_mock: Any) -> None:
     assert server.stats.snapshot()["paths_seen"][-1] == "/openai/v1/chat/completions"
 
 
-def test_real_world_response_shapes(tmp_path: Path, make_mock: Any) -> None:
+def test_real_world_response_shapes(tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=TEST_KEY, fault_retry_after_s=0.01)
     rows = {
         "loading": "[[fault:llama_loading*2]] model still loading",
@@ -111,22 +113,22 @@ def test_real_world_response_shapes(tmp_path: Path, make_mock: Any) -> None:
     assert report.exit_code == 1
     frame = pd.read_parquet(tmp_path / "out.parquet").set_index("id")
     for retried in ("loading", "azure429", "html502", "detail", "empty", "err200"):
-        assert frame.loc[retried, "status"] == "ok", frame.loc[retried, "error"]
-        assert frame.loc[retried, "reply"] == reply_for(rows[retried])
-    assert frame.loc["loading", "attempts"] == 3
-    assert frame.loc["nousage", "status"] == "ok"
-    assert pd.isna(frame.loc["nousage", "prompt_tokens"])
-    assert frame.loc["refusal", "status"] == "ok" and pd.isna(frame.loc["refusal", "reply"])
-    assert isinstance(frame.loc["refusal", "refusal"], str)
-    assert frame.loc["filter", "finish_reason"] == "content_filter"
-    assert frame.loc["length", "finish_reason"] == "length"
+        assert cell(frame, retried, "status") == "ok", cell(frame, retried, "error")
+        assert cell(frame, retried, "reply") == reply_for(rows[retried])
+    assert cell(frame, "loading", "attempts") == 3
+    assert cell(frame, "nousage", "status") == "ok"
+    assert pd.isna(cell(frame, "nousage", "prompt_tokens"))
+    assert cell(frame, "refusal", "status") == "ok" and pd.isna(cell(frame, "refusal", "reply"))
+    assert isinstance(cell(frame, "refusal", "refusal"), str)
+    assert cell(frame, "filter", "finish_reason") == "content_filter"
+    assert cell(frame, "length", "finish_reason") == "length"
     for failed in ("azfilter", "context"):
-        assert frame.loc[failed, "status"] == "error" and frame.loc[failed, "attempts"] == 1
-    assert "content_filter" in frame.loc["azfilter", "error"]
-    assert "context_length_exceeded" in frame.loc["context", "error"]
+        assert cell(frame, failed, "status") == "error" and cell(frame, failed, "attempts") == 1
+    assert "content_filter" in cell(frame, "azfilter", "error")
+    assert "context_length_exceeded" in cell(frame, "context", "error")
 
 
-def test_vllm_style_unauthorized_aborts(tmp_path: Path, make_mock: Any) -> None:
+def test_vllm_style_unauthorized_aborts(tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock()
     source = write_csv(tmp_path / "in.csv", ["id", "text"],
                        [[f"r{i}", f"[[fault:vllm_401]] {i}"] for i in range(100)])
@@ -135,7 +137,7 @@ def test_vllm_style_unauthorized_aborts(tmp_path: Path, make_mock: Any) -> None:
     assert server.stats.snapshot()["requests_total"] <= 12
 
 
-def test_openai_sdk_parses_what_the_mock_sends(make_mock: Any) -> None:
+def test_openai_sdk_parses_what_the_mock_sends(make_mock: MakeMock) -> None:
     openai = pytest.importorskip("openai")
     server: MockServer = make_mock(api_key=TEST_KEY)
     client = openai.OpenAI(base_url=server.base_url, api_key=TEST_KEY, max_retries=0)
@@ -147,7 +149,7 @@ def test_openai_sdk_parses_what_the_mock_sends(make_mock: Any) -> None:
 
 
 def test_requests_go_through_the_proxy_from_the_environment(tmp_path: Path,
-                                                            make_mock: Any) -> None:
+                                                            make_mock: MakeMock) -> None:
     proxy: MockServer = make_mock(api_key=TEST_KEY)  # answers whatever it is asked to forward
     job = write_job(tmp_path / "job.yaml", job_dict(
         "http://127.0.0.2:9/v1", prompts_csv(tmp_path, 4), tmp_path / "out.csv",

@@ -65,10 +65,6 @@ def test_gives_up_after_max_attempts_and_never_retries_terminal_errors() -> None
     assert policy.delay_before_retry(1, abort, rng) is None
 
 
-def run(coro: object) -> object:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
 def test_requests_are_paced_evenly_from_the_first_one() -> None:
     time = FakeTime()
     limiter = ExactLimiter(requests_per_minute=600, tokens_per_minute=None,
@@ -81,7 +77,7 @@ def test_requests_are_paced_evenly_from_the_first_one() -> None:
             starts.append(time.now)
         return starts
 
-    starts = run(send(5))
+    starts = asyncio.run(send(5))
     # 600 RPM is one request every 0.1 s, with no initial burst.
     assert starts == pytest.approx([1000.0, 1000.1, 1000.2, 1000.3, 1000.4])
 
@@ -98,7 +94,7 @@ def test_token_limit_spaces_by_size_and_a_huge_request_waits_instead_of_failing(
             starts.append(time.now)
         return starts
 
-    starts = run(scenario())
+    starts = asyncio.run(scenario())
     assert starts == pytest.approx([1000.0, 1001.0, 1501.0])
 
 
@@ -113,7 +109,7 @@ def test_settle_returns_unused_tokens_and_charges_overruns() -> None:
         assert limiter.tokens is not None
         return limiter.tokens.next_free
 
-    assert run(scenario()) == pytest.approx(1001.0)
+    assert asyncio.run(scenario()) == pytest.approx(1001.0)
 
     async def overrun() -> float:
         reservation = await limiter.acquire(100)
@@ -122,7 +118,7 @@ def test_settle_returns_unused_tokens_and_charges_overruns() -> None:
         return limiter.tokens.next_free
 
     time.now = 2000.0
-    assert run(overrun()) == pytest.approx(2003.0)
+    assert asyncio.run(overrun()) == pytest.approx(2003.0)
 
 
 def test_idle_time_does_not_build_a_burst() -> None:
@@ -139,7 +135,7 @@ def test_idle_time_does_not_build_a_burst() -> None:
             starts.append(time.now)
         return starts
 
-    assert run(scenario()) == pytest.approx([1100.0, 1101.0, 1102.0])
+    assert asyncio.run(scenario()) == pytest.approx([1100.0, 1101.0, 1102.0])
 
 
 def test_output_estimate_follows_observed_completions() -> None:
@@ -185,7 +181,7 @@ def test_low_remaining_headroom_holds_sends_until_refilled() -> None:
         return time.now
 
     # It needs 80 more tokens at 100/s: 0.8 s, sooner than the full reset in 5 s.
-    assert run(scenario()) == pytest.approx(1030.8)
+    assert asyncio.run(scenario()) == pytest.approx(1030.8)
 
 
 def test_headroom_without_a_known_rate_waits_for_the_reset() -> None:
@@ -197,7 +193,7 @@ def test_headroom_without_a_known_rate_waits_for_the_reset() -> None:
         await limiter.acquire(10)
         return time.now
 
-    assert run(scenario()) == pytest.approx(1000.25)
+    assert asyncio.run(scenario()) == pytest.approx(1000.25)
 
 
 def test_a_429_cuts_the_pace_once_per_burst_and_it_recovers() -> None:
@@ -216,7 +212,7 @@ def test_a_429_cuts_the_pace_once_per_burst_and_it_recovers() -> None:
     async def one() -> None:
         await limiter.acquire(1)
 
-    run(one())
+    asyncio.run(one())
     assert limiter.factor == 1.0 and limiter.rate_per_minute("requests") == 6000
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 from conftest import (
     TEST_KEY,
+    MakeMock,
+    cell,
     cli,
     cli_env,
     job_dict,
@@ -60,7 +61,7 @@ def test_every_input_and_output_format(tmp_path: Path, mock_server: MockServer, 
     assert (frame["latency_s"] >= 0).all()
 
 
-def test_template_and_system_prompt(tmp_path: Path, make_mock: Any) -> None:
+def test_template_and_system_prompt(tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock()
     source = write_csv(tmp_path / "in.csv", ["id", "product", "body"],
                        [["a", "Kettle", "Boils fast."], ["b", "Lamp", "Too dim {sic}."]])
@@ -77,7 +78,7 @@ def test_template_and_system_prompt(tmp_path: Path, make_mock: Any) -> None:
 
 
 def test_transient_faults_are_retried_and_retry_after_is_honoured(tmp_path: Path,
-                                                                  make_mock: Any) -> None:
+                                                                  make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY, fault_retry_after_s=0.2)
     source = write_csv(tmp_path / "in.csv", ["id", "text"], [
         ["a", "plain"], ["b", "[[fault:429*2]] rate limited twice"],
@@ -109,14 +110,14 @@ def test_permanent_400_is_a_row_error_and_the_run_goes_on(tmp_path: Path,
     assert report.exit_code == 1 and report.failed_rows == 2
     frame = read_frame(tmp_path / "out.csv").set_index("id")
     assert list(frame["status"]) == ["ok", "error", "ok", "error"]
-    assert frame.loc["b", "error"].startswith("HTTP 400")
-    assert frame.loc["b", "attempts"] == 1  # not retried
-    assert frame.loc["d", "error"] == "prompt is empty" and frame.loc["d", "attempts"] == 0
-    assert pd.isna(frame.loc["b", "reply"])
+    assert cell(frame, "b", "error").startswith("HTTP 400")
+    assert cell(frame, "b", "attempts") == 1  # not retried
+    assert cell(frame, "d", "error") == "prompt is empty" and cell(frame, "d", "attempts") == 0
+    assert pd.isna(cell(frame, "b", "reply"))
 
 
 @pytest.mark.parametrize("fault", ["401", "quota", "credit"])
-def test_bad_key_or_no_quota_aborts_after_a_handful(tmp_path: Path, make_mock: Any,
+def test_bad_key_or_no_quota_aborts_after_a_handful(tmp_path: Path, make_mock: MakeMock,
                                                     fault: str) -> None:
     server = make_mock(faults=[], api_key=TEST_KEY)
     source = write_csv(tmp_path / "in.csv", ["id", "text"],
@@ -179,7 +180,7 @@ def test_dry_run_and_validate_send_nothing(tmp_path: Path, mock_server: MockServ
     assert not (tmp_path / "out.csv").exists()
 
 
-def test_key_never_reaches_output_logs_or_checkpoint(tmp_path: Path, make_mock: Any) -> None:
+def test_key_never_reaches_output_logs_or_checkpoint(tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY, echo_key_in_errors=True)
     source = write_csv(tmp_path / "in.csv", ["id", "text"],
                        [["a", "fine"], ["b", "[[fault:400]] echo"], ["c", "[[fault:500*1]] x"]])

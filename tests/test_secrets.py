@@ -14,6 +14,7 @@ from urllib.parse import quote, quote_plus
 import pytest
 from aiohttp import web
 from conftest import (
+    MakeMock,
     cli,
     cli_env,
     job_dict,
@@ -51,7 +52,7 @@ def assert_nowhere(secret: str, folder: Path, *texts: str) -> None:
 
 
 @pytest.mark.parametrize("auth", [None, {"header": "api-key"}, {"query": "api_key"}])
-def test_an_echoed_key_never_leaks(tmp_path: Path, make_mock: Any,
+def test_an_echoed_key_never_leaks(tmp_path: Path, make_mock: MakeMock,
                                    auth: dict[str, str] | None) -> None:
     server: MockServer = make_mock(api_key=SECRET, echo_key_in_errors=True)
     endpoint: dict[str, Any] = {"auth": auth} if auth else {}
@@ -86,7 +87,7 @@ def test_an_echoed_key_never_leaks(tmp_path: Path, make_mock: Any,
 
 
 def test_a_key_in_the_query_string_with_url_special_characters_never_leaks(
-        tmp_path: Path, make_mock: Any) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=SPECIAL_SECRET, echo_key_in_errors=True)
     source = write_csv(tmp_path / "in.csv", ["id", "text"],
                        [["a", "fine"], ["b", "[[fault:400]] echo"]])
@@ -105,7 +106,7 @@ def test_a_key_in_the_query_string_with_url_special_characters_never_leaks(
                    second.stderr)
 
 
-def test_a_proxy_url_carrying_the_key_never_leaks(tmp_path: Path, make_mock: Any) -> None:
+def test_a_proxy_url_carrying_the_key_never_leaks(tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=SECRET)
     proxy = f"http://user:{SECRET}@127.0.0.1:9"  # nothing listens there: every request fails
     job = write_job(tmp_path / "job.yaml", job_dict(
@@ -118,7 +119,7 @@ def test_a_proxy_url_carrying_the_key_never_leaks(tmp_path: Path, make_mock: Any
     assert_nowhere(SECRET, tmp_path, result.stdout, result.stderr)
 
 
-def test_a_malformed_proxy_url_is_a_clean_error(tmp_path: Path, make_mock: Any) -> None:
+def test_a_malformed_proxy_url_is_a_clean_error(tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=SPECIAL_SECRET)
     proxy = f"http://user:{SPECIAL_SECRET}@127.0.0.1:9"
     job = write_job(tmp_path / "job.yaml", job_dict(
@@ -194,7 +195,7 @@ def test_a_literal_key_in_the_base_url_is_refused(tmp_path: Path, base_url: str)
 
 
 @pytest.fixture
-def guard_proxy(make_mock: Any) -> MockServer:
+def guard_proxy(make_mock: MakeMock) -> MockServer:
     """A loopback 'proxy' for plain-http traffic: anything a run tries to send to
     another host lands here instead of leaving the machine."""
     return make_mock()
@@ -293,7 +294,7 @@ class RedirectingServer:
     {"header": "X-Api-Key"},
 ])
 def test_a_redirect_to_another_origin_never_carries_the_key(
-        tmp_path: Path, make_mock: Any, auth: dict[str, str] | None) -> None:
+        tmp_path: Path, make_mock: MakeMock, auth: dict[str, str] | None) -> None:
     elsewhere: MockServer = make_mock()  # "another host": a different origin
     with RedirectingServer(elsewhere.base_url + "/chat/completions") as endpoint:
         job = write_job(tmp_path / "job.yaml", job_dict(

@@ -9,13 +9,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
     TEST_KEY,
+    MakeMock,
     cli,
     job_dict,
     one_error_line,
@@ -36,7 +36,7 @@ STORM = [FaultRule("500", rate=0.03), FaultRule("502_html", rate=0.03),
          FaultRule("empty_choices", rate=0.02)]
 
 
-def test_a_fault_storm_still_ends_with_every_row_ok(tmp_path: Path, make_mock: Any) -> None:
+def test_a_fault_storm_still_ends_with_every_row_ok(tmp_path: Path, make_mock: MakeMock) -> None:
     rows, max_attempts = 150, 10
     server: MockServer = make_mock(api_key=TEST_KEY, faults=STORM, stall_s=5,
                                    fault_retry_after_s=0.01, seed=3)
@@ -65,7 +65,7 @@ def test_a_fault_storm_still_ends_with_every_row_ok(tmp_path: Path, make_mock: A
 
 
 def test_a_server_that_always_stalls_trips_the_breaker_quickly(tmp_path: Path,
-                                                               make_mock: Any) -> None:
+                                                               make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=TEST_KEY, faults=[FaultRule("stall", rate=1.0)],
                                    stall_s=60)
     job = write_job(tmp_path / "job.yaml", job_dict(
@@ -82,7 +82,7 @@ def test_a_server_that_always_stalls_trips_the_breaker_quickly(tmp_path: Path,
 
 
 def test_a_server_that_always_stalls_never_hangs_the_run(tmp_path: Path,
-                                                         make_mock: Any) -> None:
+                                                         make_mock: MakeMock) -> None:
     server: MockServer = make_mock(faults=[FaultRule("stall", rate=1.0)], stall_s=60)
     job = write_job(tmp_path / "job.yaml", job_dict(
         server.base_url, prompts_csv(tmp_path, 6), tmp_path / "out.jsonl",
@@ -165,7 +165,7 @@ def test_a_hung_server_never_hangs_the_run(tmp_path: Path, mode: str) -> None:
 
 
 def test_a_repeating_terminal_error_stops_the_run_with_exit_3(tmp_path: Path,
-                                                              make_mock: Any) -> None:
+                                                              make_mock: MakeMock) -> None:
     rows, concurrency, limit = 100, 4, 5
     broken: MockServer = make_mock(api_key=TEST_KEY, faults=[FaultRule("400", rate=1.0)])
     job_data = job_dict(broken.base_url, prompts_csv(tmp_path, rows), tmp_path / "out.csv",
@@ -196,7 +196,7 @@ def test_a_repeating_terminal_error_stops_the_run_with_exit_3(tmp_path: Path,
     ("500", 2, "HTTP 500"),      # retried, then given up
     ("404", 1, "HTTP 404"),
 ])
-def test_the_breaker_default_stops_within_twenty_rows(tmp_path: Path, make_mock: Any,
+def test_the_breaker_default_stops_within_twenty_rows(tmp_path: Path, make_mock: MakeMock,
                                                       fault: str, attempts: int,
                                                       signature: str) -> None:
     server: MockServer = make_mock(faults=[FaultRule(fault, rate=1.0)])

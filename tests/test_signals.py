@@ -7,11 +7,11 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import (
     TEST_KEY,
+    MakeMock,
     cli,
     job_dict,
     one_error_line,
@@ -31,7 +31,7 @@ from batcher.runner import RunControl
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_gracefully_and_journals_in_flight_replies(
-        tmp_path: Path, make_mock: Any, signum: signal.Signals) -> None:
+        tmp_path: Path, make_mock: MakeMock, signum: signal.Signals) -> None:
     rows, concurrency = 24, 4
     server: MockServer = make_mock(api_key=TEST_KEY, latency_s=0.2)
     source = prompts_csv(tmp_path, rows)
@@ -69,7 +69,7 @@ def test_a_signal_stops_gracefully_and_journals_in_flight_replies(
     assert set(prompts.values()) == {1}  # no row was sent twice
 
 
-def test_a_second_ctrl_c_cancels_hung_requests_at_once(tmp_path: Path, make_mock: Any) -> None:
+def test_a_second_ctrl_c_cancels_hung_requests_at_once(tmp_path: Path, make_mock: MakeMock) -> None:
     server: MockServer = make_mock(api_key=TEST_KEY, faults=[FaultRule("stall", rate=1.0)],
                                    stall_s=60)
     job = write_job(tmp_path / "job.yaml", job_dict(
@@ -91,7 +91,7 @@ def test_a_second_ctrl_c_cancels_hung_requests_at_once(tmp_path: Path, make_mock
 
 
 def test_the_grace_period_ends_a_stop_even_when_the_server_hangs(tmp_path: Path,
-                                                                 make_mock: Any) -> None:
+                                                                 make_mock: MakeMock) -> None:
     server: MockServer = make_mock(faults=[FaultRule("stall", rate=1.0)], stall_s=60)
     job = write_job(tmp_path / "job.yaml", job_dict(
         server.base_url, prompts_csv(tmp_path, 10), tmp_path / "out.csv",
