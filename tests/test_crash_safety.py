@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -45,20 +46,33 @@ from batcher.mock_server import MockServer, reply_for
 from batcher.records import RowResult
 from batcher.runner import prepare
 
+JOURNALED_ROWS = 40_000  # enough that a results write lasts long enough to be hit
 
-def make_journaled_job(folder: Path, rows: int, suffix: str = ".parquet") -> Path:
-    """A job whose checkpoint already holds every row as ok: a run only writes results."""
-    source = prompts_csv(folder, rows)
+
+@pytest.fixture(scope="module")
+def journaled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An input and a checkpoint that holds every row as ok, built once (40,000 appends
+    take seconds): a run of a job over a copy of them only writes results. The
+    checkpoint's fingerprint covers the input's bytes, not its path, so copies resume."""
+    folder = tmp_path_factory.mktemp("journaled")
+    source = prompts_csv(folder, JOURNALED_ROWS)
     job = write_job(folder / "job.yaml", job_dict("http://127.0.0.1:9/v1", source,
-                                                  folder / f"out{suffix}"))
+                                                  folder / "out.parquet"))
     prepared = prepare(load_job(job))
     with Checkpoint(folder / "out.ckpt", prepared.fingerprint) as checkpoint:
-        for i in range(rows):
+        for i in range(JOURNALED_ROWS):
             checkpoint.append(i, RowResult(
                 reply=reply_for(prompt_text(i)), finish_reason="stop", prompt_tokens=9,
                 completion_tokens=9, total_tokens=18, status="ok", error=None, attempts=1,
                 latency_s=0.01))
-    return job
+    return folder
+
+
+def copy_journaled_job(journaled: Path, folder: Path) -> Path:
+    for name in ("prompts.csv", "out.ckpt"):
+        shutil.copyfile(journaled / name, folder / name)
+    return write_job(folder / "job.yaml", job_dict("http://127.0.0.1:9/v1",
+                                                   folder / "prompts.csv", folder / "out.parquet"))
 
 
 # == crash safety: SIGKILL at random moments =================================================
@@ -174,9 +188,9 @@ def test_a_temp_left_by_a_killed_results_write_is_cleaned_up(tmp_path: Path,
     signal.SIGTERM,
     signal.SIGINT,
 ])
-def test_a_signal_during_the_results_write_keeps_everything(tmp_path: Path,
-                                                            signum: signal.Signals) -> None:
-    job = make_journaled_job(tmp_path, 40_000)
+def test_a_signal_during_the_results_write_keeps_everything(
+        tmp_path: Path, journaled: Path, signum: signal.Signals) -> None:
+    job = copy_journaled_job(journaled, tmp_path)
     output = tmp_path / "out.parquet"
     output.write_bytes(b"OLD RESULTS")
     process = start_run(job)
@@ -191,7 +205,7 @@ def test_a_signal_during_the_results_write_keeps_everything(tmp_path: Path,
     assert process.returncode in (128 + signum, -signum), (process.returncode, err)
     result = cli("run", str(job), "-q")
     assert result.returncode == 0, result.stderr
-    assert pq.read_table(output).num_rows == 40_000
+    assert pq.read_table(output).num_rows == JOURNALED_ROWS
 
 
 # == overlapping runs =========================================================================

@@ -151,7 +151,7 @@ def test_a_hung_server_never_hangs_the_run(tmp_path: Path, mode: str) -> None:
     with hung_tcp_server(mode) as port:
         job = write_job(tmp_path / "job.yaml", job_dict(
             f"http://127.0.0.1:{port}/v1", prompts_csv(tmp_path, 2), tmp_path / "out.jsonl",
-            endpoint={"timeout_s": 0.5}, limits={"concurrency": 2},
+            endpoint={"timeout_s": 0.25}, limits={"concurrency": 2},
             retry={"max_attempts": 2}))
         started = time.monotonic()
         report = run_job(job)
