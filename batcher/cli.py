@@ -102,8 +102,11 @@ def validate(job_file: Path) -> None:
 @click.option("--tpm", type=click.IntRange(min=1), help="Enforce a tokens-per-minute limit.")
 @click.option("--window", "window_s", type=click.FloatRange(min=0.001), default=60.0,
               show_default=True, help="Seconds over which the limits are enforced.")
+@click.option("--batch-phase", "batch_phase_s", type=click.FloatRange(min=0), default=0.0,
+              show_default=True,
+              help="Seconds each Batch API phase (validating, in_progress, finalizing) lasts.")
 def mock_server(port: int, latency_s: float, api_key_env: str | None, rpm: int | None,
-                tpm: int | None, window_s: float) -> None:
+                tpm: int | None, window_s: float, batch_phase_s: float) -> None:
     """Serve the built-in OpenAI-compatible test server on 127.0.0.1 (replies are simulated)."""
     key = None
     if api_key_env:
@@ -115,7 +118,7 @@ def mock_server(port: int, latency_s: float, api_key_env: str | None, rpm: int |
     try:
         serve_forever(MockConfig(port=port, latency_s=latency_s, api_key=key,
                                  requests_per_minute=rpm, tokens_per_minute=tpm,
-                                 window_s=window_s))
+                                 window_s=window_s, batch_phase_s=batch_phase_s))
     except (ValueError, OSError) as error:  # a bad flag combination, or the port is taken
         click.echo(f"batcher: error: mock-server: {error}", err=True)
         sys.exit(2)

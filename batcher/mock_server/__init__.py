@@ -1,6 +1,7 @@
 """An OpenAI-compatible mock chat-completion server for tests, benchmarks and demos.
 
 It answers ``POST /v1/chat/completions`` (and the Azure and bare variants)
+and the Files and Batches API (``/v1/files``, ``/v1/batches``),
 with :func:`reply_for` text in OpenAI's exact shapes, enforces optional
 RPM/TPM limits with OpenAI's headers, and injects faults on request, either
 by a ``[[fault:KIND]]`` marker in the prompt or by :class:`FaultRule`. It

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
+from .batch_routes import BatchContext, Dropped, add_batch_routes
+from .batches import BatchStore
 from .calls import BadRequest, Call, parse_call
 from .config import MockConfig
 from .faults import FaultPlanner, UnknownFault, render_fault
@@ -75,10 +77,6 @@ class MockState:
 STATE = web.AppKey("mock_state", MockState)
 
 
-class _Dropped(web.Response):
-    """Returned after the connection was closed on purpose; it is never sent."""
-
-
 def _with_key(body: object, key: str) -> object:
     """Append the sent key to an error message, as a careless server might."""
     if not isinstance(body, dict):
@@ -120,7 +118,7 @@ def _drop(request: web.Request) -> web.Response:
     """Close the connection without answering."""
     if request.transport is not None:
         request.transport.close()
-    return _Dropped()
+    return Dropped()
 
 
 @web.middleware
@@ -136,7 +134,7 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     status: int | None = None  # stays None when no response is sent (dropped or cancelled)
     try:
         response = await handler(request)
-        if not isinstance(response, _Dropped):
+        if not isinstance(response, Dropped):
             status = response.status
             response.headers["x-request-id"] = new_request_id()
         return response
@@ -264,6 +262,9 @@ def build_app(config: MockConfig, stats: MockStats) -> web.Application:
         router.add_post(path, _chat_completions)
     router.add_post("/openai/deployments/{deployment}/chat/completions", _azure_deployment)
     router.add_get("/v1/models", _models)
+    state = app[STATE]
+    add_batch_routes(app, BatchContext(BatchStore(config, stats), config, state.check_key,
+                                       state.sleeper))
     router.add_get("/health", _health)
     router.add_get("/_mock/stats", _stats)
     router.add_post("/_mock/reset", _reset)

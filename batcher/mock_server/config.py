@@ -44,6 +44,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
         "null_content_refusal",
         "content_filter",
         "length",
+        "flex_429",
     }
 )
 
@@ -109,6 +110,13 @@ class MockConfig:
     * ``fault_retry_after_s``: the wait advertised by the ``429``, ``503`` and
       ``azure_429`` faults (``retry-after-ms``, and ``retry-after`` rounded up).
     * ``model_name``: the ``model`` echoed in replies; default: the request's.
+    * Files and Batches: each batch phase (validating, in_progress,
+      finalizing, cancelling) lasts ``batch_phase_s``; an upload with
+      ``purpose=batch`` over ``batch_file_max_bytes`` gets a 413, and a file of
+      more than ``batch_max_requests`` lines fails validation.
+      ``upload_latency_s``, ``create_latency_s`` and ``download_latency_s``
+      delay the answer to an upload, to a batch creation (the batch already
+      exists while its creator waits) and to a file download.
     """
 
     host: str = "127.0.0.1"
@@ -125,14 +133,24 @@ class MockConfig:
     stall_s: float = 30.0
     model_name: str | None = None
     fault_retry_after_s: float = 0.05
+    batch_phase_s: float = 0.0
+    batch_file_max_bytes: int = 200 * 1024 * 1024
+    batch_max_requests: int = 50_000
+    upload_latency_s: float = 0.0
+    create_latency_s: float = 0.0
+    download_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_loopback(self.host)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"MockConfig.port: must be 0..65535, got {self.port}")
-        for name in ("latency_s", "stall_s", "fault_retry_after_s"):
+        for name in ("latency_s", "stall_s", "fault_retry_after_s", "batch_phase_s",
+                     "upload_latency_s", "create_latency_s", "download_latency_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MockConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_file_max_bytes", "batch_max_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MockConfig.{name}: must be >= 1, got {getattr(self, name)}")
         if self.window_s <= 0:
             raise ValueError(f"MockConfig.window_s: must be > 0, got {self.window_s}")
         for name in ("requests_per_minute", "tokens_per_minute"):

@@ -75,6 +75,10 @@ _AZURE_FILTER = {
         },
     }
 }
+_FLEX_UNAVAILABLE = (
+    "Resource Unavailable: flex processing has no capacity for this request right now. "
+    "Please retry later or use service_tier 'auto'."
+)
 _REFUSAL = "I'm sorry, but I can't help with that. [simulated refusal]"
 _FAULT_LIMIT = 500
 """The RPM quoted in a ``429`` fault's message; no real limit is involved."""
@@ -160,6 +164,12 @@ def render_fault(
             return _error(429, rate_limited, retry_headers(wait))
         case "429_bare":
             return Reply(429, rate_limited, ratelimit_headers=False)
+        case "flex_429":
+            # service_tier "flex" when capacity is short: a 429 that is not billed and
+            # not a quota verdict. The wording and code are inferred; no real body is
+            # recorded in the wire reference. No retry-after: the client backs off itself.
+            body = error_body(_FLEX_UNAVAILABLE, "server_error", None, "resource_unavailable")
+            return _error(429, body)
         case "quota":
             return _error(429, error_body(_QUOTA, "insufficient_quota", None, "insufficient_quota"))
         case "credit":

@@ -32,6 +32,7 @@ class MockStats:
       ones included (any request whose body parsed).
     * ``ok_prompts``: 200 ``chat.completion`` replies with choices, per prompt.
     * ``in_flight`` / ``max_in_flight``: concurrent API requests now / at peak.
+    * ``counters``: events of the Files/Batches API, by name (see :meth:`count`).
     * ``headers_seen`` (names lower-cased) and ``paths_seen`` (with query
       string): the last :data:`HISTORY` requests, oldest first.
     """
@@ -47,6 +48,13 @@ class MockStats:
         self.dropped = 0
         self.headers_seen: list[dict[str, str]] = []
         self.paths_seen: list[str] = []
+        self.counters: Counter[str] = Counter()
+
+    def count(self, name: str) -> None:
+        """Count one event of the Files/Batches API (``files_uploaded``,
+        ``batches_created``, ``batches_cancelled``, ``file_downloads``)."""
+        with self._lock:
+            self.counters[name] += 1
 
     def request_started(self, path_qs: str, headers: Mapping[str, str]) -> None:
         seen = {name.lower(): value for name, value in headers.items()}
@@ -85,6 +93,7 @@ class MockStats:
             self.dropped = 0
             self.headers_seen.clear()
             self.paths_seen.clear()
+            self.counters.clear()
 
     def snapshot(self) -> dict[str, Any]:
         """A consistent plain-dict copy (JSON-serialisable apart from int status keys)."""
@@ -99,4 +108,5 @@ class MockStats:
                 "dropped": self.dropped,
                 "headers_seen": [dict(h) for h in self.headers_seen],
                 "paths_seen": list(self.paths_seen),
+                "counters": dict(self.counters),
             }
