@@ -54,13 +54,21 @@ def main() -> None:
 @click.option("--dry-run", "estimate_only", is_flag=True,
               help="Check the job and input, estimate tokens and cost; send nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output, only the summary.")
+@click.option("--wait", is_flag=True,
+              help="mode: batch: poll until every batch is done instead of exiting once "
+                   "they are submitted.")
 def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
-        quiet: bool) -> None:
+        quiet: bool, wait: bool) -> None:
     """Run JOB.yaml to the end; run it again to resume after a crash or Ctrl-C.
 
-    Exit codes: 0 every row answered; 1 some rows failed (status `error` in
-    the results); 2 bad job, input or arguments (nothing sent); 3 aborted by
-    the server (bad key, no quota); 130/143 interrupted by SIGINT/SIGTERM.
+    With `mode: batch` the rows go to the provider's Batch API (half price,
+    answered within 24 h): the first run submits and exits 0, later runs
+    collect; `--wait` polls until done.
+
+    Exit codes: 0 every row answered (or, in batch mode, submitted); 1 some
+    rows failed (status `error` in the results); 2 bad job, input or
+    arguments (nothing sent); 3 aborted by the server (bad key, no quota);
+    130/143 interrupted by SIGINT/SIGTERM.
     """
     job = _report_errors(lambda: load_job(job_file))
     if estimate_only:
@@ -69,9 +77,12 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
         return
     if job.endpoint.mock is not None:
         click.echo(f"batcher: {SIMULATED_NOTICE}", err=True)
-    options = RunOptions(fresh=fresh, limit=limit, progress=not quiet)
+    options = RunOptions(fresh=fresh, limit=limit, progress=not quiet, wait=wait)
     started = time.monotonic()
     report = _report_errors(lambda: asyncio.run(jobs.arun_job(job, options)))
+    if report.pending is not None:
+        click.echo(f"submitted: {report.pending}")
+        return
     click.echo(f"batcher: {Summary.of(job, report, time.monotonic() - started)}", err=True)
     state = "complete" if not report.failed_rows else (
         f"{report.failed_rows} row{'s' if report.failed_rows != 1 else ''} failed")

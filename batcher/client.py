@@ -7,14 +7,17 @@ body cut short) is translated here, at one boundary, into a classified
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Self
-from urllib.parse import urlsplit
+from typing import Any, Self
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
+import orjson
 
 from batcher.errors import ApiError, ConfigError, Verdict
 from batcher.redact import Redactor
@@ -28,6 +31,16 @@ class Endpoint:
     url: str
     headers: dict[str, str]
     timeout_s: float
+    base_url: str = ""
+    """The API root (``https://api.openai.com/v1``): files and batches live under it."""
+    query: dict[str, str] = field(default_factory=dict)
+    """Query parameters every request carries (a key sent as ``auth.query``)."""
+
+    def resource(self, path: str, **params: str) -> str:
+        """The URL of ``path`` under the API root, with the endpoint's query parameters."""
+        query = {**params, **self.query}
+        url = f"{self.base_url}/{path}"
+        return f"{url}?{urlencode(query)}" if query else url
 
 
 @dataclass(slots=True)
@@ -58,7 +71,7 @@ class ChatClient:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self._endpoint.timeout_s),
-            headers={"Content-Type": "application/json", **self._endpoint.headers},
+            headers=self._endpoint.headers,
             raise_for_status=False,
             trust_env=False,
         )
@@ -70,6 +83,23 @@ class ChatClient:
             await self._session.close()
             self._session = None
 
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._endpoint
+
+    @property
+    def redactor(self) -> Redactor:
+        return self._redactor
+
+    @property
+    def proxy(self) -> str | None:
+        return self._proxy
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "use ChatClient as an async context manager"
+        return self._session
+
     async def send(self, body: bytes) -> Response:
         """Send one chat-completion request; raise ``ApiError`` on any failure."""
         assert self._session is not None, "use ChatClient as an async context manager"
@@ -78,7 +108,7 @@ class ChatClient:
             # No redirects: aiohttp drops only Authorization on a cross-host redirect,
             # so a key in api-key or X-Api-Key would follow it to another host.
             async with self._session.post(self._endpoint.url, data=body, proxy=self._proxy,
-                                          allow_redirects=False) as response:
+                                          headers=_JSON, allow_redirects=False) as response:
                 payload = await response.read()
                 status = response.status
                 headers = {key.lower(): value for key, value in response.headers.items()}
@@ -99,6 +129,105 @@ class ChatClient:
             return Response(parse_completion(payload), latency, headers)
         except ApiError as error:
             error.message = self._redactor.clean(error.message)
+            raise
+
+
+_JSON = {"Content-Type": "application/json"}
+_CHUNK = 1 << 20
+
+
+class BatchClient:
+    """The Files and Batches API over a ``ChatClient``'s session (one per run).
+
+    Every call raises a classified ``ApiError`` on failure, exactly as a chat
+    request does; retrying is the caller's policy. Uploads and downloads
+    stream from and to disk and have no total timeout, only the endpoint's
+    between two reads.
+    """
+
+    def __init__(self, client: ChatClient) -> None:
+        self._client = client
+
+    async def upload(self, path: Path) -> str:
+        """``POST /files`` with ``purpose=batch``; returns the file id."""
+        with path.open("rb") as handle:
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field("file", handle, filename=path.name,
+                           content_type="application/jsonl")
+            data = await self._call("POST", "files", data=form, transfer=True)
+        file_id = data.get("id")
+        if not isinstance(file_id, str):
+            raise ApiError(Verdict.RETRY, "the upload's answer names no file id", status=200)
+        return file_id
+
+    async def create(self, file_id: str, window: str, metadata: dict[str, str]
+                     ) -> dict[str, Any]:
+        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                "completion_window": window, "metadata": metadata}
+        return await self._call("POST", "batches", data=orjson.dumps(body), headers=_JSON)
+
+    async def retrieve(self, batch_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"batches/{batch_id}")
+
+    async def cancel(self, batch_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"batches/{batch_id}/cancel")
+
+    async def list(self, after: str | None, limit: int = 100) -> dict[str, Any]:
+        params = {"limit": str(limit)} | ({"after": after} if after else {})
+        return await self._call("GET", "batches", params=params)
+
+    async def download(self, file_id: str, dest: Path) -> None:
+        """Stream a file's content to ``dest`` (whole or not at all)."""
+        temp = dest.with_name(f".{dest.name}.part")
+        try:
+            with temp.open("wb") as handle:
+                await self._call("GET", f"files/{file_id}/content", sink=handle, transfer=True)
+            temp.replace(dest)
+        finally:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+    async def _call(self, method: str, path: str, *, data: Any = None,
+                    headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
+                    sink: Any = None, transfer: bool = False) -> dict[str, Any]:
+        client = self._client
+        session = client.session
+        timeout_s = client.endpoint.timeout_s
+        timeout = (aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+                   if transfer else aiohttp.ClientTimeout(total=timeout_s))
+        url = client.endpoint.resource(path, **(params or {}))
+        try:
+            async with session.request(method, url, data=data, headers=headers,
+                                       proxy=client.proxy, timeout=timeout,
+                                       allow_redirects=False) as response:
+                status = response.status
+                response_headers = {key.lower(): value
+                                    for key, value in response.headers.items()}
+                if status == 200 and sink is not None:
+                    async for chunk in response.content.iter_chunked(_CHUNK):
+                        sink.write(chunk)
+                    return {}
+                payload = await response.read()
+        except TimeoutError:
+            raise ApiError(Verdict.RETRY, f"{method} {path} timed out after {timeout_s:g} s"
+                           ) from None
+        except aiohttp.ClientError as exc:
+            reason = client.redactor.clean(one_line(str(exc) or exc.__class__.__name__))
+            raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
+        try:
+            if status != 200:
+                raise classify_error(status, payload, response_headers)
+            try:
+                parsed = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise ApiError(Verdict.RETRY, f"{method} {path}: HTTP 200 with a body that is "
+                               "not a JSON object", status=200)
+            return parsed
+        except ApiError as error:
+            error.message = client.redactor.clean(error.message)
             raise
 
 

@@ -12,7 +12,7 @@ import re
 import string
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import yaml
@@ -142,6 +142,30 @@ class RetrySpec(_Spec):
     stop_after_identical_failures: PositiveInt = 20
 
 
+class BatchSpec(_Spec):
+    """``mode: batch``: the provider's Batch API (half price, answers within the window).
+
+    The file limits are OpenAI's (50,000 requests, 200 MB); other services
+    set their own. ``fallback: online`` finishes rows the batch failed or
+    left unanswered (and, with ``deadline_h``, every row of a batch not done
+    by then) with ordinary requests in the same run.
+    """
+
+    max_requests_per_file: PositiveInt = 50_000
+    max_bytes_per_file: PositiveInt = 200 * 1000 * 1000
+    completion_window: str = Field(default="24h", min_length=1)
+    poll_interval_s: PositiveFloat = 60.0
+    deadline_h: PositiveFloat | None = None
+    fallback: Literal["online", "none"] = "none"
+
+    @model_validator(mode="after")
+    def _deadline_needs_fallback(self) -> BatchSpec:
+        if self.deadline_h is not None and self.fallback != "online":
+            raise ValueError("deadline_h: rows of a batch not done by the deadline are sent "
+                             "online, so set batch.fallback: online too")
+        return self
+
+
 class OutputSpec(_Spec):
     path: Path
     checkpoint: Path | None = None
@@ -167,6 +191,8 @@ class Job(_Spec):
     limits: LimitsSpec = LimitsSpec()
     retry: RetrySpec = RetrySpec()
     output: OutputSpec | None = None
+    mode: Literal["online", "batch"] = "online"
+    batch: BatchSpec = BatchSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> Job:
@@ -180,6 +206,9 @@ class Job(_Spec):
                 self.input.path.resolve(), self.output.path.resolve()
             ):
                 raise ValueError("output.checkpoint: must differ from the input and results files")
+        if self.mode == "batch" and self.endpoint.azure is not None:
+            raise ValueError("mode: batch needs an OpenAI-style base_url (for Azure, its "
+                             "/openai/v1 API), not endpoint.azure")
         return self
 
     @property

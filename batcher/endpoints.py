@@ -56,7 +56,9 @@ def resolve_endpoint(spec: EndpointSpec, *, base_url: str | None = None,
         else:
             headers["Authorization"] = f"Bearer {key}"
     url = f"{path}?{urlencode(query)}" if query else path
-    endpoint = Endpoint(url=url, headers=headers, timeout_s=spec.timeout_s)
+    key_query = {name: value for name, value in query.items() if name != "api-version"}
+    endpoint = Endpoint(url=url, headers=headers, timeout_s=spec.timeout_s, base_url=root,
+                        query=key_query)
     return endpoint, Redactor([key] if key else [])
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from batcher.batchmode import BatchRun, describe_plan, forget_state, plan_shards
 from batcher.checkpoint import Checkpoint
 from batcher.client import ChatClient, Endpoint
 from batcher.config import Job
@@ -23,10 +25,20 @@ SIMULATED_NOTICE = ("using batcher's built-in mock server (endpoint.mock): repli
                     "no real model is called")
 
 
+def _to_stderr(message: str) -> None:
+    print(f"batcher: {message}", file=sys.stderr, flush=True)
+
+
 async def arun_job(job: Job, options: RunOptions | None = None, *,
                    runtime: Runtime | None = None,
-                   environ: Mapping[str, str] | None = None) -> RunReport:
-    """Run ``job`` to the end (or resume it). Raises a ``BatcherError`` on failure."""
+                   environ: Mapping[str, str] | None = None,
+                   say: Callable[[str], None] = _to_stderr) -> RunReport:
+    """Run ``job`` to the end (or resume it). Raises a ``BatcherError`` on failure.
+
+    With ``mode: batch`` and ``options.wait`` false, the report may say the
+    batches are still ``pending`` at the service; ``say`` gets one line per
+    step of the batch cycle.
+    """
     options = options or RunOptions()
     prepared = prepare(job, options.limit, allow_empty=options.allow_empty_input)
     assert job.output is not None
@@ -34,6 +46,15 @@ async def arun_job(job: Job, options: RunOptions | None = None, *,
     with endpoint_for(job, environ) as (endpoint, redactor), Checkpoint(
         job.output.checkpoint_path, prepared.fingerprint, fresh=options.fresh
     ) as checkpoint:
+        if options.fresh:  # under the checkpoint's lock, like the checkpoint itself
+            still_open = forget_state(job.output.checkpoint_path)
+            if still_open:
+                say(f"--fresh forgot {still_open} batch(es) still open at the service; they "
+                    "keep running and are billed unless you cancel them there")
+        if job.mode == "batch":
+            batch_run = BatchRun(prepared, endpoint, redactor, checkpoint, options,
+                                 runtime or Runtime(), say=say)
+            return await batch_run.execute()
         run = Run(prepared, lambda concurrency: ChatClient(endpoint, redactor, concurrency),
                   checkpoint, options, runtime or Runtime())
         return await run.execute()
@@ -49,10 +70,20 @@ def dry_run(job: Job, limit: int | None = None,
     if checkpoint_path is not None and checkpoint_path.exists():
         try:
             with Checkpoint(checkpoint_path, prepared.fingerprint) as checkpoint:
-                return estimate(prepared, checkpoint)
+                return _with_batch_plan(estimate(prepared, checkpoint), prepared, checkpoint)
         except CheckpointError as error:
             return replace(estimate(prepared), note=f"a run would stop: {error}")
-    return estimate(prepared)
+    return _with_batch_plan(estimate(prepared), prepared, None)
+
+
+def _with_batch_plan(figures: Estimate, prepared: Prepared,
+                     checkpoint: Checkpoint | None) -> Estimate:
+    """In ``mode: batch``, add the batch files and the cost at the batch price."""
+    job = prepared.job
+    if job.mode != "batch":
+        return figures
+    plan = plan_shards(prepared, checkpoint)
+    return replace(figures, batch=describe_plan(plan, figures.cost_usd, job.model))
 
 
 @contextlib.contextmanager

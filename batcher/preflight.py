@@ -34,6 +34,7 @@ class Estimate:
     completion_tokens: int | None  # None when the job sets no max_tokens
     cost_usd: float | None
     note: str | None = None  # something the run would trip over
+    batch: str | None = None  # mode: batch: the batch files and the cost at the batch price
 
     def describe(self, model: str) -> str:
         text = (f"{self.rows} rows ({self.pending_rows} to send, "
@@ -45,6 +46,8 @@ class Estimate:
             text += f" and at most {self.completion_tokens:,} completion tokens"
         if self.cost_usd is not None:
             text += f"; at most ${self.cost_usd:,.2f} at {model}'s list price"
+        if self.batch:
+            text += f"\n{self.batch}"
         if self.note:
             text += f"\nnote: {self.note}"
         return text

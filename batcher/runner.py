@@ -80,16 +80,22 @@ class RunOptions:
     handle_signals: bool = True  # only possible from the main thread
     allow_empty_input: bool = False  # an input with no rows is a valid, empty job
     control: RunControl | None = None
+    wait: bool = True  # mode: batch: poll until done, or submit and return
 
 
 @dataclass
 class RunReport:
-    """What a finished run did; ``exit_code`` follows the contract."""
+    """What a finished run did; ``exit_code`` follows the contract.
+
+    ``pending`` says what is still running at the service (``mode: batch``
+    without waiting): no results were written yet, and the exit code is 0.
+    """
 
     stats: RunStats
     rows: int
     failed_rows: int
     results_path: Path | None
+    pending: str | None = None
 
     @property
     def exit_code(self) -> int:

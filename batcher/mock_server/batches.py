@@ -19,6 +19,9 @@ status and body, with the line's ``error`` null):
 * ``[[batch:line_error]]``: ``response: null`` and ``error`` set;
 * ``[[batch:missing]]``: the line is in neither file.
 
+``[[batch:KIND*N]]`` applies to the first N batches that run that prompt only
+(so ``[[batch:slow*1]]`` expires once and is answered when submitted again).
+
 A cancel moves an unfinished batch to ``cancelling`` and, a phase later, to
 ``cancelled`` with the first half of its lines answered and the rest in
 neither file.
@@ -48,7 +51,7 @@ SERVED_ENDPOINT = "/v1/chat/completions"
 FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 WINDOW_S = 24 * 3600
 LINE_KINDS = frozenset({"invalid", "slow", "status0", "line_error", "missing"})
-_LINE_MARKER = re.compile(r"\[\[batch:([A-Za-z0-9_]+)\]\]")
+_LINE_MARKER = re.compile(r"\[\[batch:([A-Za-z0-9_]+)(?:\*(\d+))?\]\]")
 _BOM = b"\xef\xbb\xbf"
 _MAX_METADATA_KEYS = 16
 
@@ -122,7 +125,9 @@ class _Line:
     custom_id: str
     body: dict[str, Any]
     raw_body: bytes
-    kinds: frozenset[str]
+    prompt: str
+    markers: list[tuple[str, str]]
+    kinds: frozenset[str] = frozenset()
 
 
 class BatchStore:
@@ -135,6 +140,7 @@ class BatchStore:
         self.batches: dict[str, Batch] = {}
         self._rng = random.Random(config.seed)
         self._planner = FaultPlanner(config.faults, config.seed)
+        self._runs: dict[str, int] = {}  # batches that ran each prompt, for KIND*N markers
 
     # -- files ------------------------------------------------------------------------------
 
@@ -236,7 +242,7 @@ class BatchStore:
             batch.model = lines[0].body["model"] if lines else None
             self._move(batch, "in_progress", now)
         if batch.status == "in_progress" and now >= batch.phase_started + phase:
-            lines, _ = self._validate(self.files[batch.input_file_id].content)
+            lines = self._run_lines(batch)
             if any("slow" in line.kinds for line in lines):
                 self._answer(batch, lines, "batch_expired", now)
                 batch.status = "expired"
@@ -248,10 +254,19 @@ class BatchStore:
             batch.status = "completed"
             batch.times["completed_at"] = int(now)
         if batch.status == "cancelling" and now >= batch.phase_started + phase:
-            lines, _ = self._validate(self.files[batch.input_file_id].content)
+            lines = self._run_lines(batch)
             self._answer(batch, lines[: len(lines) // 2], None, now)
             batch.status = "cancelled"
             batch.times["cancelled_at"] = int(now)
+
+    def _run_lines(self, batch: Batch) -> list[_Line]:
+        """The batch's lines with the markers that apply to this run of each prompt."""
+        lines, _ = self._validate(self.files[batch.input_file_id].content)
+        for line in lines:
+            runs = self._runs[line.prompt] = self._runs.get(line.prompt, 0) + 1
+            line.kinds = frozenset(kind for kind, count in line.markers
+                                   if not count or runs <= int(count))
+        return lines
 
     @staticmethod
     def _move(batch: Batch, status: str, now: float) -> None:
@@ -305,13 +320,14 @@ class BatchStore:
                 continue
             models.add(body["model"])
             prompt = _last_user_text(body)
-            kinds = frozenset(_LINE_MARKER.findall(prompt))
-            for kind in kinds - LINE_KINDS:
-                problem("invalid_request", f"Unknown mock batch marker '{kind}'.", number)
-            if "invalid" in kinds:
+            markers: list[tuple[str, str]] = _LINE_MARKER.findall(prompt)
+            for kind, _count in markers:
+                if kind not in LINE_KINDS:
+                    problem("invalid_request", f"Unknown mock batch marker '{kind}'.", number)
+            if any(kind == "invalid" for kind, _count in markers):
                 problem("invalid_request", f"Line {number} was rejected by the mock server as "
                         "instructed ([[batch:invalid]]).", number, "body")
-            lines.append(_Line(custom_id, body, raw_line_body(data), kinds))
+            lines.append(_Line(custom_id, body, raw_line_body(data), prompt, markers))
         if len(models) > 1:
             problem("mismatched_model", "Each input file can only include requests to a single "
                     f"model; this one names {len(models)}: {', '.join(sorted(models))}.", None,

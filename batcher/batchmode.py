@@ -1,0 +1,643 @@
+"""``mode: batch``: a job's rows through the provider's Batch API, at half the price.
+
+One command does the whole cycle and is safe to repeat, from cron or by hand:
+
+1. **Plan.** Rows that are not ``ok`` in the checkpoint and not in a batch of
+   this cycle become request lines (``custom_id`` is the row's key), cut into
+   shard files within the service's limits. Each shard is written whole and
+   then recorded in the state file before anything is uploaded.
+2. **Submit.** For each recorded shard without a batch id, the service's
+   batch list is searched first for a batch whose metadata names this job
+   and this shard (a kill between creating a batch and recording it must not
+   create a second one); only when none exists is the shard uploaded and the
+   batch created. Its id is recorded the moment it is known.
+3. **Poll.** Without ``--wait`` the command says what is running and exits 0;
+   the next run polls. A batch that ends (completed, expired, cancelled or
+   failed) is downloaded and reconciled line by line against its shard: every
+   row gets exactly one outcome in the checkpoint, or is left unfinished
+   (expired) for the next round. Only then is the batch marked collected, so
+   a kill during a download just downloads again.
+4. **Finish.** When no batch is open: with ``fallback: online`` every row
+   still not ``ok`` (failed, expired, never sent, or in a batch past
+   ``deadline_h``, which is cancelled) goes through the ordinary online run,
+   same limits and retries, which writes the results; otherwise unfinished
+   rows go into a new round, and when none are left the results are written
+   exactly as online mode writes them.
+
+The state file (``<checkpoint>.batch/state.json``) is replaced atomically at
+every step; the folder also holds the shard files until the cycle ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import orjson
+
+from batcher.batchfile import Shard, ShardWriter, reconcile, request_line, shard_ids
+from batcher.checkpoint import Checkpoint
+from batcher.client import BatchClient, ChatClient, Endpoint
+from batcher.errors import ApiError, CheckpointError, Interrupted, OutputError, RunAborted, Verdict
+from batcher.finish import write_results_file
+from batcher.pipeline import Sender, row_request
+from batcher.preflight import Prepared
+from batcher.progress import RunStats
+from batcher.records import RowResult
+from batcher.redact import Redactor
+from batcher.retry import RetryPolicy
+from batcher.runner import Run, RunOptions, RunReport, Runtime
+
+T = TypeVar("T")
+STATE_VERSION = 1
+FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
+PLANNED, COLLECTED, ABANDONED = "planned", "collected", "abandoned"
+LIST_MARGIN_S = 600.0
+"""How far before a shard was planned the batch list is searched (clock skew)."""
+_BATCH_CONNECTIONS = 4
+_SHOWN_VALIDATION_ERRORS = 5
+
+
+def work_folder(checkpoint_path: Path) -> Path:
+    """Where a job's batch state and shard files live: beside its checkpoint."""
+    return checkpoint_path.with_name(checkpoint_path.name + ".batch")
+
+
+def custom_id(position: int, body: bytes) -> str:
+    """The row's key in a batch: its position and a digest of its request."""
+    return f"{position}-{hashlib.blake2b(body, digest_size=8).hexdigest()}"
+
+
+def position_of(key: str) -> int:
+    return int(key.split("-", 1)[0])
+
+
+# -- state --------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardRecord:
+    """One shard of this cycle and what became of it."""
+
+    digest: str
+    file: str
+    requests: int
+    planned_at: float
+    file_id: str | None = None
+    batch_id: str | None = None
+    created_at: float | None = None
+    status: str = PLANNED  # the service's status, then collected or abandoned
+    unfinished: list[int] = field(default_factory=list)  # rows to send again (expired)
+
+    @property
+    def open(self) -> bool:
+        return self.status not in (COLLECTED, ABANDONED)
+
+
+class BatchState:
+    """The cycle's shards, saved atomically to ``state.json`` after every change."""
+
+    def __init__(self, folder: Path, fingerprint: str, job_name: str,
+                 shards: list[ShardRecord] | None = None) -> None:
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.job_name = job_name
+        self.shards = shards or []
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "state.json"
+
+    @classmethod
+    def load(cls, folder: Path, fingerprint: str, job_name: str) -> BatchState:
+        path = folder / "state.json"
+        try:
+            data = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return cls(folder, fingerprint, job_name)
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot read the batch state ({exc}); batches "
+                                  "may still run at the service, so look there before "
+                                  "running with --fresh") from None
+        if data.get("version") != STATE_VERSION or data.get("fingerprint") != fingerprint:
+            raise CheckpointError(f"{path}: batches were submitted for a different job or "
+                                  "input; run with --fresh to forget them (they still run "
+                                  "and are billed at the service)")
+        shards = [ShardRecord(**shard) for shard in data.get("shards", [])]
+        return cls(folder, fingerprint, job_name, shards)
+
+    def save(self) -> None:
+        data = {"version": STATE_VERSION, "fingerprint": self.fingerprint,
+                "job": self.job_name, "shards": [asdict(shard) for shard in self.shards]}
+        temp = self.path.with_name(f".state.{os.getpid()}.tmp")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with temp.open("wb") as handle:
+                handle.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+                handle.flush()
+                os.fsync(handle.fileno())
+            temp.replace(self.path)
+            directory = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot save the batch state ({exc.strerror})"
+                              ) from None
+
+    def open_shards(self) -> list[ShardRecord]:
+        return [shard for shard in self.shards if shard.open]
+
+    def discard(self) -> None:
+        """The cycle is over: forget it (shard files included)."""
+        if not self.folder.exists():
+            return
+        for entry in self.folder.iterdir():
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+        self.shards = []
+
+
+def forget_state(checkpoint_path: Path) -> int:
+    """For ``--fresh``: drop the batch state; returns how many batches were still open."""
+    folder = work_folder(checkpoint_path)
+    path = folder / "state.json"
+    still_open = 0
+    with contextlib.suppress(OSError, orjson.JSONDecodeError, TypeError):
+        data = orjson.loads(path.read_bytes())
+        still_open = sum(1 for shard in data.get("shards", [])
+                         if ShardRecord(**shard).open and shard.get("batch_id"))
+    BatchState(folder, "", "").discard()
+    return still_open
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a dry run of ``mode: batch`` would submit."""
+
+    requests: int
+    shards: int
+
+
+def starts_new_shard(lines: int, size: int, line: int, max_requests: int,
+                     max_bytes: int) -> bool:
+    return lines > 0 and (lines >= max_requests or size + line > max_bytes)
+
+
+def plan_shards(prepared: Prepared, checkpoint: Checkpoint | None) -> BatchPlan:
+    """Count the requests and shard files a run would submit now (nothing is written)."""
+    job = prepared.job
+    spec = job.batch
+    requests = shards = lines = size = 0
+    for row in prepared.unfinished_rows(checkpoint):
+        request = row_request(row, job)
+        if isinstance(request, RowResult):
+            continue
+        body = request.body
+        length = len(request_line(custom_id(row.position, body), body))
+        if length > spec.max_bytes_per_file:
+            continue
+        if starts_new_shard(lines, size, length, spec.max_requests_per_file,
+                            spec.max_bytes_per_file):
+            lines = size = 0
+        if lines == 0:
+            shards += 1
+        lines += 1
+        size += length
+        requests += 1
+    return BatchPlan(requests, shards)
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+class BatchRun:
+    """Drives one job's batch cycle as far as it can go in this invocation."""
+
+    def __init__(self, prepared: Prepared, endpoint: Endpoint, redactor: Redactor,
+                 checkpoint: Checkpoint, options: RunOptions, runtime: Runtime, *,
+                 say: Callable[[str], None], wall: Callable[[], float] = time.time) -> None:
+        self.prepared = prepared
+        self.job = prepared.job
+        self._spec = prepared.job.batch
+        self._endpoint = endpoint
+        self._redactor = redactor
+        self._checkpoint = checkpoint
+        self._options = options
+        self._runtime = runtime
+        self._say = say
+        self._wall = wall
+        self._policy = RetryPolicy(self.job.retry.max_attempts, self.job.retry.base_delay_s,
+                                   self.job.retry.max_delay_s)
+        self.stats = RunStats(total_rows=prepared.row_count,
+                              already_done=checkpoint.count_done(0, prepared.row_count))
+        self.kinds: Counter[str] = Counter()
+        self._state = BatchState.load(work_folder(checkpoint.path), prepared.fingerprint,
+                                      self.job.name)
+
+    async def execute(self) -> RunReport:
+        """Submit, poll, collect; finish the results when every batch is done."""
+        task = asyncio.ensure_future(self._cycle())
+        stopped: list[int] = []
+
+        def stop(signum: int) -> None:
+            stopped.append(signum)
+            task.cancel()
+
+        with self._signals(stop):
+            try:
+                return await task
+            except asyncio.CancelledError:
+                if not stopped:
+                    raise
+                signum = signal.Signals(stopped[0])
+                raise Interrupted(
+                    f"stopped by {signum.name}; the batch state is saved and submitted "
+                    "batches keep running at the service: run the same command again to "
+                    "collect them", exit_code=128 + int(signum)) from None
+
+    async def _cycle(self) -> RunReport:
+        """Go as far as this invocation can: finished results, or a "come back" report."""
+        connections = max(_BATCH_CONNECTIONS, self.job.limits.concurrency)
+        async with ChatClient(self._endpoint, self._redactor, connections) as chat:
+            pending = await self._batches(BatchClient(chat))
+            if pending is not None:
+                return RunReport(self.stats, 0, 0, None, pending=pending)
+            report = await self._finish(chat)
+        self._state.discard()
+        return report
+
+    async def _batches(self, api: BatchClient) -> str | None:
+        """Submit, poll and collect; the "come back later" message, or None when done."""
+        state = self._state
+        while True:
+            await self._submit_planned(api)
+            await self._poll(api)
+            if state.open_shards():
+                if not self._options.wait:
+                    return self._come_back_message()
+                await self._runtime.sleep(self._spec.poll_interval_s)
+                continue
+            first_round = not state.shards
+            if (first_round or self._spec.fallback == "none") and self._plan():
+                continue
+            return None
+
+    # -- plan -------------------------------------------------------------------------------
+
+    def _plan(self) -> bool:
+        """Write shard files for the rows no batch of this cycle holds; True if any."""
+        state = self._state
+        rows = self.prepared.row_count
+        claimed = np.zeros(rows, dtype=bool)
+        for shard in state.shards:
+            positions = [position_of(key) for key in shard_ids(state.folder / shard.file)]
+            claimed[positions] = True
+            if shard.status == COLLECTED and shard.unfinished:
+                claimed[shard.unfinished] = False
+        self._remove_strays()
+        job = self.job
+        spec = self._spec
+        salt = f"{self.prepared.fingerprint}:{os.urandom(8).hex()}"
+        writer = ShardWriter(state.folder, salt, spec.max_requests_per_file,
+                             spec.max_bytes_per_file)
+        planned_at = self._wall()
+        before = len(state.shards)
+
+        def record(shard: Shard | None) -> None:
+            if shard is None:
+                return
+            state.shards.append(ShardRecord(shard.digest, shard.path.name,
+                                            len(shard.custom_ids), planned_at))
+            state.save()
+
+        try:
+            for row in self.prepared.unfinished_rows(self._checkpoint):
+                if claimed[row.position]:
+                    continue
+                request = row_request(row, job)
+                if isinstance(request, RowResult):
+                    self._record(row.position, request)
+                    continue
+                body = request.body
+                key = custom_id(row.position, body)
+                line = request_line(key, body)
+                if not writer.fits(line):
+                    self._record(row.position, RowResult.failed(
+                        f"the request ({len(line):,} bytes) is larger than "
+                        "batch.max_bytes_per_file", 0))
+                    continue
+                record(writer.add(key, line))
+            record(writer.close())
+        finally:
+            writer.discard()
+        planned = state.shards[before:]
+        if planned:
+            total = sum(shard.requests for shard in planned)
+            self._say(f"planned {_count(len(planned), 'batch file')} with "
+                      f"{_count(total, 'request')}")
+        return bool(planned)
+
+    def _remove_strays(self) -> None:
+        """Shard files no state entry names: left by a kill before they were recorded."""
+        folder = self._state.folder
+        if not folder.exists():
+            return
+        known = {shard.file for shard in self._state.shards}
+        for entry in folder.iterdir():
+            stray_shard = entry.name.startswith("shard-") and entry.name not in known
+            if stray_shard or entry.name.startswith(".shard-"):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+    # -- submit -----------------------------------------------------------------------------
+
+    async def _submit_planned(self, api: BatchClient) -> None:
+        state = self._state
+        waiting = [shard for shard in state.shards if shard.batch_id is None and shard.open]
+        if not waiting:
+            return
+        found = await self._find_existing(api, waiting)
+        for shard in waiting:
+            batch = found.get(shard.digest)
+            if batch is not None:
+                self._say(f"found batch {batch.get('id')} already created for "
+                          f"{shard.file}; not creating another")
+            else:
+                batch = await self._create(api, shard)
+            self._adopt(shard, batch)
+
+    async def _create(self, api: BatchClient, shard: ShardRecord) -> dict[str, Any]:
+        """Upload (unless done) and create; a create that may have reached the
+        service is looked up before it is tried again."""
+        state = self._state
+        if shard.file_id is None:
+            path = state.folder / shard.file
+            shard.file_id = await self._with_retries(lambda: api.upload(path), "upload")
+            state.save()
+        file_id = shard.file_id
+        metadata = {"batcher_job": self.job.name[:512], "batcher_shard": shard.digest,
+                    "batcher_requests": str(shard.requests)}
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await api.create(file_id, self._spec.completion_window, metadata)
+            except ApiError as error:
+                delay = self._verdict(error, attempts, "create a batch")
+            await self._runtime.sleep(delay)
+            existing = (await self._find_existing(api, [shard])).get(shard.digest)
+            if existing is not None:
+                return existing
+
+    def _adopt(self, shard: ShardRecord, batch: dict[str, Any]) -> None:
+        batch_id = batch.get("id")
+        if not isinstance(batch_id, str):
+            raise RunAborted("the service answered a batch creation without a batch id")
+        shard.batch_id = batch_id
+        created = batch.get("created_at")
+        shard.created_at = float(created) if isinstance(created, int | float) else self._wall()
+        shard.status = str(batch.get("status") or "validating")
+        self._state.save()
+        self._say(f"submitted batch {batch_id} ({_count(shard.requests, 'request')})")
+
+    async def _find_existing(self, api: BatchClient, shards: list[ShardRecord]
+                             ) -> dict[str, dict[str, Any]]:
+        """Batches of this job whose ``batcher_shard`` is one of ``shards``', newest first."""
+        wanted = {shard.digest for shard in shards}
+        since = min(shard.planned_at for shard in shards) - LIST_MARGIN_S
+        found: dict[str, dict[str, Any]] = {}
+        after: str | None = None
+        while True:
+            page = await self._with_retries(functools.partial(api.list, after), "list batches")
+            data = page.get("data")
+            batches = [batch for batch in data if isinstance(batch, dict)] if isinstance(
+                data, list) else []
+            for batch in batches:
+                metadata = batch.get("metadata")
+                if not isinstance(metadata, dict) or metadata.get(
+                        "batcher_job") != self.job.name[:512]:
+                    continue
+                digest = metadata.get("batcher_shard")
+                if digest in wanted and digest not in found:
+                    found[digest] = batch
+            created = [batch.get("created_at") for batch in batches]
+            oldest = min((c for c in created if isinstance(c, int | float)), default=None)
+            if (not page.get("has_more") or not batches or wanted <= found.keys()
+                    or (oldest is not None and oldest < since)):
+                return found
+            last = batches[-1].get("id")
+            if not isinstance(last, str):
+                return found
+            after = last
+
+    # -- poll and collect -------------------------------------------------------------------
+
+    async def _poll(self, api: BatchClient) -> None:
+        state = self._state
+        for shard in state.open_shards():
+            batch_id = shard.batch_id
+            if batch_id is None:
+                continue
+            batch = await self._with_retries(functools.partial(api.retrieve, batch_id),
+                                             "check a batch")
+            status = str(batch.get("status"))
+            if status != shard.status:
+                shard.status = status
+                state.save()
+            if status in FINAL_STATUSES:
+                await self._collect(api, shard, batch)
+                continue
+            counts = batch.get("request_counts") or {}
+            done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+            self._say(f"batch {batch_id}: {status}, {done:,}/{shard.requests:,} requests done")
+            if self._past_deadline(shard):
+                await self._abandon(api, shard)
+
+    def _past_deadline(self, shard: ShardRecord) -> bool:
+        deadline_h = self._spec.deadline_h
+        if deadline_h is None or shard.created_at is None:
+            return False
+        return self._wall() - shard.created_at > deadline_h * 3600
+
+    async def _abandon(self, api: BatchClient, shard: ShardRecord) -> None:
+        """Past the deadline: cancel the batch and leave its rows to the online fallback."""
+        assert shard.batch_id is not None
+        batch_id = shard.batch_id
+        try:
+            await self._with_retries(lambda: api.cancel(batch_id), "cancel a batch")
+        except RunAborted:
+            raise
+        except ApiError as error:  # e.g. it finished meanwhile: the rows go online anyway
+            self._say(f"batch {batch_id}: cancel refused ({error.message})")
+        shard.status = ABANDONED
+        self._state.save()
+        self._say(f"batch {batch_id}: not done {self._spec.deadline_h:g} h after it was "
+                  "created; cancelled, its rows go online")
+
+    async def _collect(self, api: BatchClient, shard: ShardRecord,
+                       batch: dict[str, Any]) -> None:
+        state = self._state
+        assert shard.batch_id is not None
+        status = str(batch.get("status"))
+        files: list[Path] = []
+        for name in ("output_file_id", "error_file_id"):
+            file_id = batch.get(name)
+            if not isinstance(file_id, str):
+                continue
+            dest = state.folder / f"{shard.batch_id}.{name.split('_')[0]}.jsonl"
+            await self._with_retries(functools.partial(api.download, file_id, dest),
+                                     "download batch results")
+            files.append(dest)
+        errors = batch.get("errors")
+        problems = errors.get("data") if isinstance(errors, dict) else None
+        submitted = shard_ids(state.folder / shard.file)
+        outcome = reconcile(submitted, _lines(files), status,
+                            problems if isinstance(problems, list) else [])
+        unfinished: list[int] = []
+        for key, line in outcome.outcomes.items():
+            if line.result is None:
+                unfinished.append(position_of(key))
+            else:
+                self.stats.requests += 1
+                self._record(position_of(key), line.result)
+        self.kinds.update(outcome.counts)
+        shard.unfinished = unfinished
+        shard.status = COLLECTED
+        state.save()
+        for path in files:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._say(f"batch {shard.batch_id} {status}: {outcome.describe()}")
+        if status == "failed" and isinstance(problems, list):
+            for problem in problems[:_SHOWN_VALIDATION_ERRORS]:
+                if isinstance(problem, dict):
+                    line_no = problem.get("line")
+                    where = f"line {line_no}: " if line_no is not None else ""
+                    self._say(f"  validation error: {where}{problem.get('code')}: "
+                              f"{problem.get('message')}")
+        if status == "completed" and not outcome.counts["ok"]:
+            self._say(f"batch {shard.batch_id}: reported completed, but no request in it "
+                      "succeeded")
+
+    def _record(self, position: int, result: RowResult) -> None:
+        self._checkpoint.append(position, result)
+        self.stats.record(result)
+
+    # -- finish -----------------------------------------------------------------------------
+
+    async def _finish(self, chat: ChatClient) -> RunReport:
+        prepared = self.prepared
+        missing = prepared.row_count - self._checkpoint.count_done(0, prepared.row_count)
+        if self._spec.fallback == "online" and missing:
+            self._say(f"sending {_count(missing, 'row')} online (batch.fallback: online)")
+
+            @contextlib.asynccontextmanager
+            async def same_session(_concurrency: int) -> AsyncIterator[Sender]:
+                yield chat  # the run's one session, opened for this concurrency
+
+            # The online run stops gracefully on a signal by itself, as in online mode.
+            online = Run(prepared, same_session, self._checkpoint, self._options, self._runtime)
+            report = await online.execute()
+            stats = report.stats
+            stats.already_done = self.stats.already_done
+            stats.ok += self.stats.ok  # batch errors were sent again online: not counted
+            stats.requests += self.stats.requests
+            stats.prompt_tokens += self.stats.prompt_tokens
+            stats.completion_tokens += self.stats.completion_tokens
+            return report
+        written = write_results_file(prepared, self._checkpoint)
+        return RunReport(self.stats, written.rows, written.failed_rows, written.path)
+
+    def _come_back_message(self) -> str:
+        shards = self._state.open_shards()
+        requests = sum(shard.requests for shard in shards)
+        created = [shard.created_at for shard in shards if shard.created_at is not None]
+        since = datetime.fromtimestamp(min(created), UTC).strftime("%Y-%m-%d %H:%M UTC") \
+            if created else "now"
+        return (f"{_count(len(shards), 'batch')} ({_count(requests, 'request')}) running at "
+                f"the service since {since}, answered within {self._spec.completion_window} at "
+                "half the online price; run the same command again to collect the results "
+                "(or add --wait)")
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await call()
+            except ApiError as error:
+                delay = self._verdict(error, attempts, what)
+            await self._runtime.sleep(delay)
+
+    def _verdict(self, error: ApiError, attempts: int, what: str) -> float:
+        """The wait before trying again, or the exception that ends the run."""
+        if error.verdict is Verdict.ABORT:
+            raise RunAborted(f"the server refused the run: {error.message}; the batch state "
+                             "is kept, fix the cause and run again") from None
+        delay = self._policy.delay_before_retry(attempts, error, self._runtime.rng)
+        if delay is None:
+            hint = (" (lower batch.max_bytes_per_file)" if error.status == 413 else "")
+            raise RunAborted(f"could not {what}: {error.message}{hint}; the batch state is "
+                             "kept, run the same command again") from None
+        return delay
+
+    @contextlib.contextmanager
+    def _signals(self, stop: Callable[[int], None]) -> Iterator[None]:
+        if not self._options.handle_signals:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        installed = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, stop, signum)
+                installed.append(signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread
+        try:
+            yield
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+
+def _lines(paths: list[Path]) -> Iterator[bytes]:
+    for path in paths:
+        with path.open("rb") as handle:
+            yield from handle
+
+
+def _count(number: int, noun: str) -> str:
+    plural = "es" if noun.endswith("ch") else "s"
+    return f"{number:,} {noun}{'' if number == 1 else plural}"
+
+
+def describe_plan(plan: BatchPlan, cost_usd: float | None, model: str) -> str:
+    """The dry run's batch line: shards, requests and the cost at the batch price."""
+    text = (f"mode batch: {_count(plan.requests, 'request')} in "
+            f"{_count(plan.shards, 'batch file')}")
+    if cost_usd is not None:
+        text += f"; at most ${cost_usd / 2:,.2f} at {model}'s Batch API price (half the list price)"
+    return text
+
