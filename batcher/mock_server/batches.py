@@ -231,33 +231,38 @@ class BatchStore:
     # -- lifecycle --------------------------------------------------------------------------
 
     def _advance(self, batch: Batch, now: float) -> None:
+        """Catch the batch up with the clock: each phase ends ``batch_phase_s`` after
+        the previous one, however rarely the batch is read."""
         phase = self.config.batch_phase_s
         if batch.status == "validating" and now >= batch.phase_started + phase:
+            at = batch.phase_started + phase
             lines, problems = self._validate(self.files[batch.input_file_id].content)
             batch.counts["total"] = len(lines)
             if problems:
                 batch.status, batch.errors = "failed", problems
-                batch.times["failed_at"] = int(now)
+                batch.times["failed_at"] = int(at)
                 return
             batch.model = lines[0].body["model"] if lines else None
-            self._move(batch, "in_progress", now)
+            self._move(batch, "in_progress", at)
         if batch.status == "in_progress" and now >= batch.phase_started + phase:
+            at = batch.phase_started + phase
             lines = self._run_lines(batch)
             if any("slow" in line.kinds for line in lines):
-                self._answer(batch, lines, "batch_expired", now)
+                self._answer(batch, lines, "batch_expired", at)
                 batch.status = "expired"
-                batch.times["expired_at"] = int(now)
+                batch.times["expired_at"] = int(at)
                 return
-            self._answer(batch, lines, None, now)
-            self._move(batch, "finalizing", now)
+            self._answer(batch, lines, None, at)
+            self._move(batch, "finalizing", at)
         if batch.status == "finalizing" and now >= batch.phase_started + phase:
             batch.status = "completed"
-            batch.times["completed_at"] = int(now)
+            batch.times["completed_at"] = int(batch.phase_started + phase)
         if batch.status == "cancelling" and now >= batch.phase_started + phase:
+            at = batch.phase_started + phase
             lines = self._run_lines(batch)
-            self._answer(batch, lines[: len(lines) // 2], None, now)
+            self._answer(batch, lines[: len(lines) // 2], None, at)
             batch.status = "cancelled"
-            batch.times["cancelled_at"] = int(now)
+            batch.times["cancelled_at"] = int(at)
 
     def _run_lines(self, batch: Batch) -> list[_Line]:
         """The batch's lines with the markers that apply to this run of each prompt."""
