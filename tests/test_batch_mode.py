@@ -8,10 +8,8 @@ the same rows.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,16 +17,23 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner, Result
-from conftest import TEST_KEY, job_dict, write_csv, write_job
+from conftest import (
+    TEST_KEY,
+    MakeMock,
+    Ran,
+    cli,
+    job_dict,
+    start_run,
+    wait_until,
+    write_csv,
+    write_job,
+)
 
-from batcher.cli import main
 from batcher.mock_server import MockServer, reply_for
 
 
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, ["run", *args], env={"BATCHER_TEST_KEY": TEST_KEY},
-                              catch_exceptions=False)
+def run(*args: str) -> Ran:
+    return cli("run", *args)
 
 
 def make_input(folder: Path, prompts: list[str]) -> Path:
@@ -69,12 +74,12 @@ def assert_complete(folder: Path, prompts: list[str]) -> pd.DataFrame:
 PROMPTS = [f"Prompt number {i}" for i in range(12)]
 
 
-def test_submit_exit_rerun_collect(tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+def test_submit_exit_rerun_collect(tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY, batch_phase_s=0.3)
     job = batch_job(tmp_path, server, PROMPTS, max_requests_per_file=5)
 
     first = run(str(job))
-    assert first.exit_code == 0, first.output
+    assert first.returncode == 0, first.stderr
     assert "3 batches (12 requests) running at the service" in first.stdout
     assert "run the same command again" in first.stdout
     assert not (tmp_path / "out.csv").exists()
@@ -82,36 +87,36 @@ def test_submit_exit_rerun_collect(tmp_path: Path, make_mock: Callable[..., Mock
 
     time.sleep(1.2)  # three phases of 0.3 s
     second = run(str(job))
-    assert second.exit_code == 0, second.output
+    assert second.returncode == 0, second.stderr
     assert "completed: 5 ok" in second.stderr
     frame = assert_complete(tmp_path, PROMPTS)
     assert frame["prompt_tokens"].notna().all() and frame["attempts"].eq(1).all()
 
     third = run(str(job))
-    assert third.exit_code == 0, third.output
+    assert third.returncode == 0, third.stderr
     assert counters(server)["batches_created"] == 3, "answered rows are never submitted again"
     assert online_requests(server) == 0
 
 
 def test_dry_run_says_files_requests_and_batch_price(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY)
     job = batch_job(tmp_path, server, PROMPTS, max_requests_per_file=5)
     result = run(str(job), "--dry-run")
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     assert "12 requests in 3 batch files" in result.stdout
     assert "Batch API price (half the list price)" in result.stdout
     assert server.stats.snapshot()["requests_total"] == 0
 
 
 def test_completed_batch_with_failed_lines_is_reconciled(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY)
     prompts = ["fine one", "[[fault:400]] rejected", "[[batch:status0]] zero",
                "[[batch:missing]] lost", "[[batch:line_error]] broken", "fine two"]
     job = batch_job(tmp_path, server, prompts)
     result = run(str(job), "--wait")
-    assert result.exit_code == 1, result.output
+    assert result.returncode == 1, result.stderr
     assert "completed: 2 ok, 2 http error, 1 line error, 1 missing" in result.stderr
     frame = results(tmp_path)
     assert list(frame["status"]) == ["ok", "error", "error", "error", "error", "ok"]
@@ -124,22 +129,22 @@ def test_completed_batch_with_failed_lines_is_reconciled(
 
 
 def test_a_completed_batch_whose_lines_all_failed_is_not_a_success(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY)
     job = batch_job(tmp_path, server, [f"[[fault:400]] {i}" for i in range(4)])
     result = run(str(job), "--wait")
-    assert result.exit_code == 1
+    assert result.returncode == 1
     assert "reported completed, but no request in it succeeded" in result.stderr
     assert (results(tmp_path)["status"] == "error").all()
 
 
 def test_failed_validation_shows_the_errors_and_loses_nothing(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY)
     prompts = ["good", "[[batch:invalid]] bad", "also good"]
     job = batch_job(tmp_path, server, prompts)
     result = run(str(job), "--wait")
-    assert result.exit_code == 1
+    assert result.returncode == 1
     assert "failed: 3 invalid" in result.stderr
     assert "validation error: line 2: invalid_request" in result.stderr
     frame = results(tmp_path)
@@ -151,18 +156,18 @@ def test_failed_validation_shows_the_errors_and_loses_nothing(
                         mode="batch", batch={"poll_interval_s": 0.05, "fallback": "online"})
     write_job(job, fallback)
     again = run(str(job), "--wait")
-    assert again.exit_code == 0, again.output
+    assert again.returncode == 0, again.stderr
     assert online_requests(server) == 3
     assert_complete(tmp_path, prompts)
 
 
 def test_expired_lines_are_resubmitted_alone_without_fallback(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY)
     prompts = [*PROMPTS[:4], "[[batch:slow*1]] late one", "[[batch:slow*1]] late two"]
     job = batch_job(tmp_path, server, prompts)
     result = run(str(job), "--wait")
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     assert "expired: 4 ok, 2 unfinished" in result.stderr
     assert "planned 1 batch file with 2 requests" in result.stderr
     assert counters(server)["batches_created"] == 2
@@ -173,12 +178,12 @@ def test_expired_lines_are_resubmitted_alone_without_fallback(
 
 
 def test_expired_lines_go_online_with_fallback(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY)
     prompts = [*PROMPTS[:4], "[[batch:slow]] never in a batch"]
     job = batch_job(tmp_path, server, prompts, fallback="online")
     result = run(str(job), "--wait")
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     assert "sending 1 row online" in result.stderr
     assert counters(server)["batches_created"] == 1
     assert online_requests(server) == 1
@@ -187,11 +192,11 @@ def test_expired_lines_go_online_with_fallback(
 
 
 def test_a_batch_past_the_deadline_is_cancelled_and_its_rows_sent_online(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY, batch_phase_s=3600)
     job = batch_job(tmp_path, server, PROMPTS[:5], fallback="online", deadline_h=0.0001)
     result = run(str(job), "--wait")
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     assert "cancelled, its rows go online" in result.stderr
     assert counters(server)["batches_cancelled"] == 1
     assert online_requests(server) == 5
@@ -203,22 +208,22 @@ def test_a_batch_past_the_deadline_is_cancelled_and_its_rows_sent_online(
     ({"max_requests_per_file": 0}, "batch.max_requests_per_file: must be a positive number"),
     ({"fallback": "maybe"}, "batch.fallback: input should be 'online' or 'none'"),
 ])
-def test_bad_batch_settings_are_exit_2(tmp_path: Path, make_mock: Callable[..., MockServer],
+def test_bad_batch_settings_are_exit_2(tmp_path: Path, make_mock: MakeMock,
                                        batch: dict[str, Any], message: str) -> None:
     server = make_mock(api_key=TEST_KEY)
     job = batch_job(tmp_path, server, PROMPTS, **batch)
     result = run(str(job))
-    assert result.exit_code == 2
+    assert result.returncode == 2
     assert message in result.stderr
     assert server.stats.snapshot()["requests_total"] == 0
 
 
 def test_a_file_refused_as_too_large_stops_with_the_setting_to_change(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY, batch_file_max_bytes=500)
     job = batch_job(tmp_path, server, PROMPTS)
     result = run(str(job))
-    assert result.exit_code == 3
+    assert result.returncode == 3
     assert "HTTP 413" in result.stderr and "batch.max_bytes_per_file" in result.stderr
     assert counters(server).get("batches_created", 0) == 0
 
@@ -226,34 +231,24 @@ def test_a_file_refused_as_too_large_stops_with_the_setting_to_change(
 # -- kills ------------------------------------------------------------------------------------
 
 
-def start(job: Path, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "BATCHER_TEST_KEY": TEST_KEY}
-    return subprocess.Popen([sys.executable, "-m", "batcher", "run", str(job), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def kill_when(process: subprocess.Popen[str], ready: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 60
-    while not ready():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the run never reached the step"
-        time.sleep(0.01)
+def kill_when(process: subprocess.Popen[str], ready: Callable[[], bool], step: str) -> None:
+    wait_until(ready, process, what=step)
     process.send_signal(signal.SIGKILL)
     process.wait()
 
 
 @pytest.mark.parametrize("step", ["upload", "create"])
 def test_a_kill_during_submission_never_creates_a_second_batch(
-        tmp_path: Path, make_mock: Callable[..., MockServer], step: str) -> None:
+        tmp_path: Path, make_mock: MakeMock, step: str) -> None:
     server = make_mock(api_key=TEST_KEY, **{f"{step}_latency_s": 30.0})
     job = batch_job(tmp_path, server, PROMPTS)
-    process = start(job)
+    process = start_run(job)
     counter = "files_uploaded" if step == "upload" else "batches_created"
-    kill_when(process, lambda: counters(server).get(counter, 0) >= 1)
+    kill_when(process, lambda: counters(server).get(counter, 0) >= 1, step)
     setattr(server.config, f"{step}_latency_s", 0.0)
 
     result = run(str(job), "--wait")
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     assert counters(server)["batches_created"] == 1
     if step == "create":
         assert "already created" in result.stderr
@@ -261,15 +256,15 @@ def test_a_kill_during_submission_never_creates_a_second_batch(
 
 
 def test_a_kill_during_download_resumes_without_a_new_batch(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY, download_latency_s=30.0)
     job = batch_job(tmp_path, server, PROMPTS)
-    process = start(job, "--wait")
-    kill_when(process, lambda: counters(server).get("file_downloads", 0) >= 1)
+    process = start_run(job, "--wait")
+    kill_when(process, lambda: counters(server).get("file_downloads", 0) >= 1, "download")
     server.config.download_latency_s = 0.0
 
     result = run(str(job))
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     assert counters(server)["batches_created"] == 1
     assert counters(server)["file_downloads"] == 2
     assert_complete(tmp_path, PROMPTS)
@@ -279,7 +274,7 @@ def test_a_kill_during_download_resumes_without_a_new_batch(
 
 
 def test_flex_resource_unavailable_429_is_retried_not_taken_for_quota(
-        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+        tmp_path: Path, make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY)
     prompts = [f"[[fault:flex_429*2]] flex {i}" for i in range(3)]
     source = make_input(tmp_path, prompts)
@@ -287,7 +282,7 @@ def test_flex_resource_unavailable_429_is_retried_not_taken_for_quota(
         server.base_url, source, tmp_path / "out.csv",
         params={"service_tier": "flex", "max_tokens": 64}))
     result = run(str(job), "-q")
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     frame = results(tmp_path)
     assert (frame["status"] == "ok").all()
     assert frame["attempts"].eq(3).all()

@@ -120,8 +120,8 @@ def test_every_submitted_id_gets_exactly_one_outcome_matched_by_id() -> None:
     for key in "bdefg":
         result = results[key]
         assert result is not None and result.status == "error" and result.reply is None
-    assert "HTTP 400" in (results["b"].error or "")
-    assert "status_code 0" in (results["d"].error or "")
+    assert "HTTP 400" in str(outcome.outcomes["b"].result)
+    assert "status_code 0" in str(outcome.outcomes["d"].result)
     assert outcome.unknown_ids == 1 and outcome.duplicates == 1
     assert outcome.describe() == ("2 ok, 2 http error, 1 line error, 1 bad body, 1 missing, "
                                   "1 unknown ids ignored, 1 duplicate lines ignored")
@@ -143,8 +143,9 @@ def test_ids_a_cancelled_batch_never_ran_are_errors() -> None:
 
 
 def test_a_failed_batch_gives_each_row_its_validation_error() -> None:
-    problems = [{"code": "invalid_request", "message": "line two is bad", "line": 2},
-                {"code": "mismatched_model", "message": "two models", "line": None}]
+    problems: list[dict[str, Any]] = [
+        {"code": "invalid_request", "message": "line two is bad", "line": 2},
+        {"code": "mismatched_model", "message": "two models", "line": None}]
     outcome = reconcile(["a", "b", "c"], [], "failed", problems)
     errors = {key: value.result.error for key, value in outcome.outcomes.items()
               if value.result is not None}

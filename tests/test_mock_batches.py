@@ -93,7 +93,7 @@ def test_statuses_advance_over_the_configured_time() -> None:
     with MockServer(MockConfig(api_key=KEY, batch_phase_s=0.3)) as srv:
         client = _client(srv)
         batch_id = _submit(client, [_line("a", "hello")])
-        seen = []
+        seen: list[str] = []
         deadline = time.monotonic() + 10
         while not seen or seen[-1] != "completed":
             status = client.batches.retrieve(batch_id).status
