@@ -148,8 +148,10 @@ class Run:
                 self._progress.close()
                 written = write_results_file(self.prepared, self._checkpoint)
                 # A signal during that synchronous write is queued on the loop's
-                # wakeup pipe; two loop turns deliver it to request_stop.
-                for _ in range(2):
+                # wakeup pipe. Three loop turns deliver it to request_stop: one
+                # reads the pipe, one runs the handler, and this task is resumed
+                # ahead of each (it is first in the ready queue every turn).
+                for _ in range(3):
                     await asyncio.sleep(0)
                 if self._stopping:
                     raise self._interrupted(
