@@ -306,10 +306,14 @@ class BatchRun:
     def _plan(self) -> bool:
         """Write shard files for the rows no batch of this cycle holds; True if any."""
         state = self._state
-        rows = self.prepared.row_count
-        claimed = np.zeros(rows, dtype=bool)
+        claimed = np.zeros(self.prepared.row_count, dtype=bool)
         for shard in state.shards:
             positions = [position_of(key) for key in shard_ids(state.folder / shard.file)]
+            # An earlier run without --limit may have submitted rows beyond this one's.
+            size = max([len(claimed), *(p + 1 for p in positions), *(
+                p + 1 for p in shard.unfinished)])
+            if size > len(claimed):
+                claimed = np.concatenate([claimed, np.zeros(size - len(claimed), dtype=bool)])
             claimed[positions] = True
             if shard.status == COLLECTED and shard.unfinished:
                 claimed[shard.unfinished] = False
@@ -468,7 +472,9 @@ class BatchRun:
                 continue
             counts = batch.get("request_counts") or {}
             done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
-            self._say(f"batch {batch_id}: {status}, {done:,}/{shard.requests:,} requests done")
+            if self._options.progress:
+                self._say(f"batch {batch_id}: {status}, {done:,}/{shard.requests:,} "
+                          "requests done")
             if self._past_deadline(shard):
                 await self._abandon(api, shard)
 
@@ -519,6 +525,9 @@ class BatchRun:
             else:
                 self.stats.requests += 1
                 self._record(position_of(key), line.result)
+                prompt, completion = self.stats.batch_tokens
+                self.stats.batch_tokens = (prompt + (line.result.prompt_tokens or 0),
+                                           completion + (line.result.completion_tokens or 0))
         self.kinds.update(outcome.counts)
         shard.unfinished = unfinished
         shard.status = COLLECTED
@@ -563,6 +572,7 @@ class BatchRun:
             stats.requests += self.stats.requests
             stats.prompt_tokens += self.stats.prompt_tokens
             stats.completion_tokens += self.stats.completion_tokens
+            stats.batch_tokens = self.stats.batch_tokens
             return report
         written = write_results_file(prepared, self._checkpoint)
         return RunReport(self.stats, written.rows, written.failed_rows, written.path)

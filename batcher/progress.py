@@ -29,6 +29,8 @@ class RunStats:
     rate_limited: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    batch_tokens: tuple[int, int] = (0, 0)
+    """The part of the prompt and completion tokens answered by a Batch API (half price)."""
     started: float = field(default_factory=time.monotonic)
 
     def record(self, result: RowResult) -> None:

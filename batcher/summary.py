@@ -17,9 +17,10 @@ class Summary:
     ``rows``, ``ok`` and ``errors`` count every row of the results, those
     taken from the checkpoint included. ``requests``, the token counts and
     ``cost_usd`` cover what *this run* sent: rows already in the checkpoint
-    cost nothing again. ``cost_usd`` is None when the model's list price is
-    unknown; with ``simulated`` (the built-in mock server) it is what the
-    same tokens would cost.
+    cost nothing again; answers from the Batch API count at half the list
+    price. ``cost_usd`` is None when the model's list price is unknown; with
+    ``simulated`` (the built-in mock server) it is what the same tokens would
+    cost.
 
     >>> print(frame.attrs["batcher"]["ok"])         # doctest: +SKIP
     20
@@ -42,8 +43,10 @@ class Summary:
     def of(cls, job: Job, report: RunReport, elapsed_s: float) -> Summary:
         stats = report.stats
         price = price_for(job.model)
+        # Batch answers cost half the list price (the Batch API's discount).
         cost = None if price is None else round(
-            price.cost(stats.prompt_tokens, stats.completion_tokens), 6)
+            price.cost(stats.prompt_tokens, stats.completion_tokens)
+            - price.cost(*stats.batch_tokens) / 2, 6)
         return cls(
             model=job.model, rows=report.rows, ok=report.rows - report.failed_rows,
             errors=report.failed_rows, from_checkpoint=stats.already_done,
@@ -67,7 +70,7 @@ class Summary:
 
     def __str__(self) -> str:
         cost = "" if self.cost_usd is None else (
-            f", ${self.cost_usd:,.4f} at {self.model}'s list price")
+            f", ${self.cost_usd:,.4f} at {self.model}'s price")
         return (f"{_count(self.rows, 'row')}: {self.ok} ok, {_count(self.errors, 'error')} "
                 f"({self.from_checkpoint} from the checkpoint); this run: "
                 f"{_count(self.requests, 'request')} ({self.rate_limited} rate-limited), "

@@ -84,6 +84,9 @@ def test_submit_exit_rerun_collect(tmp_path: Path, make_mock: MakeMock) -> None:
     assert "run the same command again" in first.stdout
     assert not (tmp_path / "out.csv").exists()
     assert counters(server)["batches_created"] == 3
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name == "state.json" for path in written)
+    assert not any(TEST_KEY.encode() in path.read_bytes() for path in written)
 
     time.sleep(1.2)  # three phases of 0.3 s
     second = run(str(job))
@@ -92,10 +95,28 @@ def test_submit_exit_rerun_collect(tmp_path: Path, make_mock: MakeMock) -> None:
     frame = assert_complete(tmp_path, PROMPTS)
     assert frame["prompt_tokens"].notna().all() and frame["attempts"].eq(1).all()
 
+    assert "$0.0000 at gpt-4o-mini's price" not in second.stderr  # tokens were counted
+
     third = run(str(job))
     assert third.returncode == 0, third.stderr
     assert counters(server)["batches_created"] == 3, "answered rows are never submitted again"
     assert online_requests(server) == 0
+    assert not any(TEST_KEY.encode() in path.read_bytes()
+                   for path in tmp_path.rglob("*") if path.is_file())
+
+
+def test_a_limited_run_collects_batches_of_a_full_one(tmp_path: Path, make_mock: MakeMock
+                                                      ) -> None:
+    server = make_mock(api_key=TEST_KEY, batch_phase_s=0.2)
+    job = batch_job(tmp_path, server, PROMPTS, max_requests_per_file=5)
+    assert run(str(job)).returncode == 0
+    time.sleep(0.8)
+    limited = run(str(job), "--limit", "3")
+    assert limited.returncode == 0, limited.stderr
+    frame = results(tmp_path)
+    assert list(frame["id"]) == ["r000", "r001", "r002"]
+    assert (frame["status"] == "ok").all()
+    assert counters(server)["batches_created"] == 3
 
 
 def test_dry_run_says_files_requests_and_batch_price(
