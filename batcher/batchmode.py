@@ -63,7 +63,7 @@ from batcher.runner import Run, RunOptions, RunReport, Runtime
 T = TypeVar("T")
 STATE_VERSION = 1
 FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
-PLANNED, COLLECTED, ABANDONED = "planned", "collected", "abandoned"
+PLANNED, COLLECTED = "planned", "collected"
 LIST_MARGIN_S = 600.0
 """How far before a shard was planned the batch list is searched (clock skew)."""
 _BATCH_CONNECTIONS = 4
@@ -98,12 +98,12 @@ class ShardRecord:
     file_id: str | None = None
     batch_id: str | None = None
     created_at: float | None = None
-    status: str = PLANNED  # the service's status, then collected or abandoned
+    status: str = PLANNED  # the service's status, then collected
     unfinished: list[int] = field(default_factory=list)  # rows to send again (expired)
 
     @property
     def open(self) -> bool:
-        return self.status not in (COLLECTED, ABANDONED)
+        return self.status != COLLECTED
 
 
 class BatchState:
@@ -475,8 +475,8 @@ class BatchRun:
             if self._options.progress:
                 self._say(f"batch {batch_id}: {status}, {done:,}/{shard.requests:,} "
                           "requests done")
-            if self._past_deadline(shard):
-                await self._abandon(api, shard)
+            if status != "cancelling" and self._past_deadline(shard):
+                await self._cancel_late(api, shard)
 
     def _past_deadline(self, shard: ShardRecord) -> bool:
         deadline_h = self._spec.deadline_h
@@ -484,20 +484,28 @@ class BatchRun:
             return False
         return self._wall() - shard.created_at > deadline_h * 3600
 
-    async def _abandon(self, api: BatchClient, shard: ShardRecord) -> None:
-        """Past the deadline: cancel the batch and leave its rows to the online fallback."""
+    async def _cancel_late(self, api: BatchClient, shard: ShardRecord) -> None:
+        """Past the deadline: cancel the batch. Polling goes on until it is
+        ``cancelled``; its finished lines are kept and the rest go online."""
         assert shard.batch_id is not None
         batch_id = shard.batch_id
-        try:
-            await self._with_retries(lambda: api.cancel(batch_id), "cancel a batch")
-        except RunAborted:
-            raise
-        except ApiError as error:  # e.g. it finished meanwhile: the rows go online anyway
-            self._say(f"batch {batch_id}: cancel refused ({error.message})")
-        shard.status = ABANDONED
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                batch = await api.cancel(batch_id)
+                break
+            except ApiError as error:
+                if error.verdict is Verdict.ROW_ERROR:  # it finished meanwhile, say
+                    self._say(f"batch {batch_id}: the cancel was refused ({error.message}); "
+                              "it is collected as it is")
+                    return
+                delay = self._verdict(error, attempts, "cancel a batch")
+            await self._runtime.sleep(delay)
+        shard.status = str(batch.get("status") or "cancelling")
         self._state.save()
         self._say(f"batch {batch_id}: not done {self._spec.deadline_h:g} h after it was "
-                  "created; cancelled, its rows go online")
+                  "created; cancelling it: its finished requests are kept, the rest go online")
 
     async def _collect(self, api: BatchClient, shard: ShardRecord,
                        batch: dict[str, Any]) -> None:

@@ -212,16 +212,19 @@ def test_expired_lines_go_online_with_fallback(
     assert frame["latency_s"].isna().sum() == 4, "batch rows have no latency, the online one has"
 
 
-def test_a_batch_past_the_deadline_is_cancelled_and_its_rows_sent_online(
+def test_a_batch_past_the_deadline_is_cancelled_and_the_rest_sent_online(
         tmp_path: Path, make_mock: MakeMock) -> None:
-    server = make_mock(api_key=TEST_KEY, batch_phase_s=3600)
-    job = batch_job(tmp_path, server, PROMPTS[:5], fallback="online", deadline_h=0.0001)
+    server = make_mock(api_key=TEST_KEY, batch_phase_s=0.5)
+    job = batch_job(tmp_path, server, PROMPTS[:6], fallback="online", deadline_h=0.00001)
     result = run(str(job), "--wait")
     assert result.returncode == 0, result.stderr
-    assert "cancelled, its rows go online" in result.stderr
+    assert "cancelling it: its finished requests are kept" in result.stderr
+    assert "cancelled: 3 ok, 3 cancelled" in result.stderr
     assert counters(server)["batches_cancelled"] == 1
-    assert online_requests(server) == 5
-    assert_complete(tmp_path, PROMPTS[:5])
+    assert online_requests(server) == 3
+    answered = server.stats.snapshot()["ok_prompts"]
+    assert sorted(answered.values()) == [1] * 6, "no row was paid for twice"
+    assert_complete(tmp_path, PROMPTS[:6])
 
 
 @pytest.mark.parametrize(("batch", "message"), [
@@ -310,3 +313,23 @@ def test_flex_resource_unavailable_429_is_retried_not_taken_for_quota(
     assert server.stats.snapshot()["by_status"][429] == 6
     headers = server.stats.snapshot()["headers_seen"]
     assert headers, "the requests were seen"
+
+
+def test_ctrl_c_while_waiting_keeps_the_batches_for_the_next_run(
+        tmp_path: Path, make_mock: MakeMock) -> None:
+    server = make_mock(api_key=TEST_KEY, batch_phase_s=60)
+    job = batch_job(tmp_path, server, PROMPTS)
+    process = start_run(job, "--wait")
+    state = tmp_path / "out.ckpt.batch" / "state.json"
+    wait_until(lambda: state.exists() and b'"batch_id": "batch_' in state.read_bytes(),
+               process, what="the batch id recorded")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "submitted batches keep running at the service" in stderr
+    server.config.batch_phase_s = 0.0
+
+    result = run(str(job))
+    assert result.returncode == 0, result.stderr
+    assert counters(server)["batches_created"] == 1
+    assert_complete(tmp_path, PROMPTS)
