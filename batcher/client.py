@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 
 from batcher.errors import ApiError, ConfigError, Verdict
-from batcher.redact import Redactor
+from batcher.redact import Redactor, redact_url
 from batcher.wire import Completion, classify_error, one_line, parse_completion
 
 
@@ -125,7 +125,13 @@ class ChatClient:
         latency = time.perf_counter() - started
         try:
             if status != 200:
-                raise classify_error(status, payload, headers)
+                error = classify_error(status, payload, headers)
+                if status == 404 and error.code is None and error.type is None:
+                    # No API error body: no such route at all, so the URL is wrong for
+                    # every row alike (a model_not_found 404 stays a row's error).
+                    error.verdict = Verdict.ABORT
+                    error.message = not_found_message(self._endpoint.url, error.message)
+                raise error
             return Response(parse_completion(payload), latency, headers)
         except ApiError as error:
             error.message = self._redactor.clean(error.message)
@@ -229,6 +235,18 @@ class BatchClient:
         except ApiError as error:
             error.message = client.redactor.clean(error.message)
             raise
+
+
+def not_found_message(url: str, reason: str) -> str:
+    """Which URL answered 404 without an API error, and the likely fix."""
+    parts = urlsplit(url)
+    shown = redact_url(f"{parts.scheme}://{parts.netloc}{parts.path}")
+    text = f"POST {shown} answered 404 ({reason})"
+    if "/v1/" not in parts.path and "/openai/deployments/" not in parts.path:
+        root = shown.removesuffix("/chat/completions")
+        return (f"{text}; most OpenAI-compatible servers serve the API under /v1: try "
+                f"endpoint.base_url: {root}/v1")
+    return f"{text}; check endpoint.base_url"
 
 
 def proxy_for(url: str) -> str | None:

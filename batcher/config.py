@@ -26,6 +26,9 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
+# Compressed text inputs are read as they are; Parquet compresses inside the file.
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
+CSV_DELIMITERS = (",", ";", "\t", "|")
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
 # Request fields batcher owns: a job may not override them through params.
 RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
@@ -38,18 +41,41 @@ class _Spec(BaseModel):
 class InputSpec(_Spec):
     path: Path
     id_column: str | None = Field(default=None, min_length=1)
+    # CSV only; None: sniffed from the header line among CSV_DELIMITERS.
+    delimiter: str | None = None
 
     @model_validator(mode="after")
     def _known_format(self) -> InputSpec:
-        if self.path.suffix.lower() not in INPUT_SUFFIXES:
-            raise ValueError(f"path: must end in {', '.join(INPUT_SUFFIXES)}")
+        input_format(self.path)  # raises ValueError naming the suffixes it takes
+        if self.delimiter is not None and (len(self.delimiter) != 1
+                                           or self.delimiter in "\"\r\n"):
+            raise ValueError("delimiter: must be one character (not a quote or a line break), "
+                             "e.g. ';'")
         return self
+
+
+def input_format(path: Path) -> tuple[str, str | None]:
+    """The input's format (csv, parquet, jsonl) and its compression codec, from its name:
+    ``reviews.csv.gz`` is gzip-compressed CSV."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    compression = COMPRESSION_SUFFIXES.get(suffixes[-1]) if suffixes else None
+    if compression is not None:
+        suffixes.pop()
+    kind = suffixes[-1] if suffixes else ""
+    if kind not in INPUT_SUFFIXES or (compression is not None and kind == ".parquet"):
+        compressed = "/".join(COMPRESSION_SUFFIXES)
+        raise ValueError(f"path: must end in {', '.join(INPUT_SUFFIXES)} (.csv and .jsonl may "
+                         f"be compressed: {compressed})")
+    return kind.lstrip("."), compression
 
 
 class PromptSpec(_Spec):
     column: str | None = None
     template: str | None = None
     system: str | None = None
+    # A null, NaN or blank cell in a column the prompt reads: the row is not sent and
+    # is an input error ("error"), or the cell renders as empty text ("empty").
+    missing: Literal["error", "empty"] = "error"
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptSpec:

@@ -1,9 +1,12 @@
 """Reading the input file a batch of rows at a time.
 
-CSV, Parquet and JSONL all come out as a stream of ``pyarrow.RecordBatch``
-with one fixed schema, so the rest of batcher never holds the whole input.
-CSV columns are read as text: a column that looks numeric in the first
-block and holds text further down would otherwise fail half way through.
+CSV, Parquet and JSONL (CSV and JSONL also gzip-, zstd- or bz2-compressed)
+all come out as a stream of ``pyarrow.RecordBatch`` with one fixed schema,
+so the rest of batcher never holds the whole input. CSV columns are read as
+text: a column that looks numeric in the first block and holds text further
+down would otherwise fail half way through, and prompts render the cell as
+written. The results get typed columns instead (``CsvColumnTypes``): the
+scan that checks the ids also finds which columns are numbers throughout.
 Every pyarrow/parse failure is translated here into a ``DataError`` that
 names the file and, where it can, the line.
 """
@@ -11,11 +14,14 @@ names the file and, where it can, the line.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import orjson
@@ -25,19 +31,29 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from batcher.config import CSV_DELIMITERS, input_format
 from batcher.errors import DataError
 
 BATCH_ROWS = 8192
 _HASH_CHUNK = 1 << 20
+_HEADER_CHUNK = 1 << 16
+_HEADER_LIMIT = 1 << 20
+_ZERO_PADDED = r"^[+-]?0[0-9]"
 
 
 class InputReader:
     """A re-iterable stream of record batches over one input file."""
 
-    def __init__(self, path: Path, batch_rows: int = BATCH_ROWS) -> None:
+    def __init__(self, path: Path, batch_rows: int = BATCH_ROWS, *,
+                 delimiter: str | None = None) -> None:
         self.path = path
         self.batch_rows = batch_rows
-        self.format = path.suffix.lower().lstrip(".")
+        try:
+            self.format, self.compression = input_format(path)
+        except ValueError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        self.delimiter = delimiter or ","
+        self._delimiter_given = delimiter is not None
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -60,6 +76,13 @@ class InputReader:
             yield from self._parquet_batches()
         else:
             yield from self._jsonl_batches()
+
+    def open_bytes(self) -> IO[bytes]:
+        """The file's (decompressed) bytes as a buffered binary stream."""
+        if self.compression is None:
+            return self.path.open("rb")
+        return io.BufferedReader(pa.input_stream(str(self.path), compression=self.compression),
+                                 buffer_size=_HASH_CHUNK)
 
     def content_digest(self) -> str:
         """A hash of the file's bytes, streamed, for the checkpoint's fingerprint."""
@@ -90,7 +113,7 @@ class InputReader:
         decoder = codecs.getincrementaldecoder("utf-8")()
         line = 1
         quotes = 0
-        with self.path.open("rb") as handle:
+        with self._reading(), self.open_bytes() as handle:
             while chunk := handle.read(_HASH_CHUNK):
                 try:
                     decoder.decode(chunk)
@@ -111,17 +134,46 @@ class InputReader:
 
     def _csv_header(self) -> list[str]:
         try:
-            with self.path.open(encoding="utf-8-sig", newline="") as handle:
-                header = next(csv.reader(handle), None)
+            with self._reading(), io.TextIOWrapper(self.open_bytes(), encoding="utf-8-sig",
+                                                   newline="") as handle:
+                first_line = _first_record_text(handle)
         except UnicodeDecodeError:
             raise DataError(f"{self.path}: line 1: not valid UTF-8 text (save the file as UTF-8)"
                             ) from None
+        if not self._delimiter_given:
+            self.delimiter = _sniff_delimiter(first_line)
+        try:
+            header = next(csv.reader([first_line], delimiter=self.delimiter), None)
         except csv.Error as exc:
             raise DataError(f"{self.path}: line 1: malformed CSV header ({exc})") from None
         if not header or all(not name.strip() for name in header):
             raise DataError(f"{self.path}: line 1: CSV header is empty")
         _check_unique_columns(self.path, header)
         return header
+
+    def columns_hint(self) -> str:
+        """Why a wanted column may be missing, when the header suggests it: a CSV header
+        read as one column that holds another delimiter."""
+        names = self.schema.names
+        if self.format != "csv" or len(names) != 1:
+            return ""
+        others = [d for d in CSV_DELIMITERS if d != self.delimiter and d in names[0]]
+        if not others:
+            return ""
+        shown = "\\t" if others[0] == "\t" else others[0]
+        return (f"; the header reads as one column joined by '{shown}': set "
+                f"input.delimiter: '{shown}' in the job")
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Decompression failures become a ``DataError`` naming the file."""
+        try:
+            yield
+        except (pa.ArrowException, OSError, EOFError) as exc:
+            if self.compression is None:
+                raise
+            raise DataError(f"{self.path}: cannot decompress the input as {self.compression} "
+                            f"({_first_line(exc)})") from None
 
     def _jsonl_schema(self) -> pa.Schema:
         first = next(self._jsonl_row_chunks(), None)
@@ -151,9 +203,10 @@ class InputReader:
 
         try:
             reader = pacsv.open_csv(
-                self.path,
+                pa.input_stream(str(self.path), compression=self.compression),
                 read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False),
-                parse_options=pacsv.ParseOptions(newlines_in_values=True,
+                parse_options=pacsv.ParseOptions(delimiter=self.delimiter,
+                                                 newlines_in_values=True,
                                                  invalid_row_handler=on_invalid),
                 convert_options=pacsv.ConvertOptions(
                     column_types={field.name: pa.string() for field in self.schema},
@@ -200,7 +253,7 @@ class InputReader:
         """Parsed JSONL objects in chunks, with the line number each chunk starts at."""
         rows: list[dict[str, object]] = []
         first_line = 1
-        with self.path.open("rb") as handle:
+        with self._reading(), self.open_bytes() as handle:
             for number, raw in enumerate(handle, start=1):
                 if not raw.strip():
                     continue
@@ -221,10 +274,76 @@ class InputReader:
             yield rows, first_line
 
 
+class CsvColumnTypes:
+    """Which CSV columns hold numbers throughout, found batch by batch.
+
+    The results get such a column as ``int64`` or ``float64`` (a blank cell is
+    null), as ``pandas.read_csv`` would type it, so results and input merge on
+    an integer id. Integers are taken only where the number writes back as the
+    very same text: ``007`` or ``+5`` keep their text (an id must not lose its
+    zeros), and a column with a zero-padded value stays text. Everything else,
+    booleans included, stays text.
+    """
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self._schema = schema
+        self._candidates = {field.name: [pa.int64(), pa.float64()] for field in schema
+                            if pa.types.is_string(field.type)}
+        self._has_values: set[str] = set()
+
+    def observe(self, batch: pa.RecordBatch) -> None:
+        for name, candidates in self._candidates.items():
+            if not candidates:
+                continue
+            column = batch.column(name)
+            values = pc.filter(column, pc.not_equal(column, ""))
+            if not len(values):
+                continue
+            self._has_values.add(name)
+            if pc.any(pc.match_substring_regex(values, _ZERO_PADDED)).as_py():
+                candidates.clear()  # a code such as 007, not a number
+                continue
+            candidates[:] = [kind for kind in candidates if _holds_only(values, kind)]
+
+    def schema(self) -> pa.Schema:
+        fields = []
+        for field in self._schema:
+            kinds = self._candidates.get(field.name)
+            if kinds and field.name in self._has_values:
+                field = field.with_type(kinds[0])
+            fields.append(field)
+        return pa.schema(fields, metadata=self._schema.metadata)
+
+
+def _holds_only(values: pa.Array, kind: pa.DataType) -> bool:
+    try:
+        numbers = pc.cast(values, kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    if pa.types.is_integer(kind):
+        return bool(pc.all(pc.equal(pc.cast(numbers, pa.string()), values)).as_py())
+    return True
+
+
+def typed_columns(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with its text columns cast to ``schema``'s types (a blank cell is null)."""
+    if batch.schema.equals(schema):
+        return batch
+    columns = []
+    for column, field in zip(batch.columns, schema, strict=True):
+        if column.type != field.type:
+            blank = pc.equal(column, "")
+            column = pc.cast(pc.if_else(blank, pa.scalar(None, column.type), column), field.type)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
 @dataclass(frozen=True)
 class InputSummary:
     rows: int
     digest: str
+    # The input columns as the results hold them (CSV numbers typed).
+    output_schema: pa.Schema
 
 
 def scan_input(reader: InputReader, id_column: str | None, limit: int | None) -> InputSummary:
@@ -233,8 +352,10 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
     Ids are hashed to 64-bit integers so a million ids cost 8 MB, not a set of
     strings; a hash collision is confirmed against the real values.
     """
+    types = None
     if reader.format == "csv":
         reader.check_csv_text()
+        types = CsvColumnTypes(reader.schema)
     rows = 0
     hashes: list[np.ndarray] = []
     for batch in reader.batches():
@@ -242,6 +363,8 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
             break
         if limit is not None and rows + batch.num_rows > limit:
             batch = batch.slice(0, limit - rows)
+        if types is not None:
+            types.observe(batch)
         if id_column is not None:
             ids = batch.column(id_column)
             empty = _first_empty(ids)
@@ -252,7 +375,8 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
         rows += batch.num_rows
     if hashes:
         _check_unique_ids(reader, id_column or "", np.concatenate(hashes), limit)
-    return InputSummary(rows=rows, digest=reader.content_digest())
+    output_schema = types.schema() if types is not None else reader.schema
+    return InputSummary(rows=rows, digest=reader.content_digest(), output_schema=output_schema)
 
 
 def id_strings(column: pa.Array) -> list[str]:
@@ -297,6 +421,47 @@ def _first_empty(column: pa.Array) -> int | None:
         missing = pc.or_(missing, pc.fill_null(blank, True))
     found = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
     return int(found[0]) if found.size else None
+
+
+def _first_record_text(handle: IO[str]) -> str:
+    """The text of the CSV's first record (its header), which may hold quoted line breaks."""
+    text = ""
+    while len(text) < _HEADER_LIMIT:
+        chunk = handle.read(_HEADER_CHUNK)
+        text += chunk
+        if not chunk or _ends_a_record(text):
+            break
+    end = _record_end(text)
+    return text[:end]
+
+
+def _record_end(text: str) -> int:
+    """Where the first record ends: the first line break outside quotes."""
+    quoted = False
+    for index, char in enumerate(text):
+        if char == '"':
+            quoted = not quoted
+        elif char in "\r\n" and not quoted:
+            return index
+    return len(text)
+
+
+def _ends_a_record(text: str) -> bool:
+    return _record_end(text) < len(text)
+
+
+def _sniff_delimiter(header: str) -> str:
+    """The delimiter that splits the header into the most columns (a comma on a tie):
+    European spreadsheets export ``;``, some tools tabs or pipes."""
+    best, best_count = ",", 0
+    for delimiter in CSV_DELIMITERS:
+        try:
+            count = len(next(csv.reader([header], delimiter=delimiter), []))
+        except csv.Error:
+            continue
+        if count > best_count:
+            best, best_count = delimiter, count
+    return best
 
 
 def _rebatch(batch: pa.RecordBatch, size: int) -> Iterator[pa.RecordBatch]:

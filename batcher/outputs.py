@@ -8,7 +8,9 @@ written file and a crash never leaves one behind.
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
+import io
 import os
 import tempfile
 from collections.abc import Iterable
@@ -16,8 +18,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import orjson
+import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from batcher.errors import OutputError
@@ -36,7 +38,27 @@ def result_fields() -> list[pa.Field]:
 
 
 def results_schema(input_schema: pa.Schema) -> pa.Schema:
-    return pa.schema(list(input_schema) + result_fields())
+    """The input's columns, then the result columns; pandas metadata (an input
+    written from a DataFrame has it) is kept and extended, so ``pd.read_parquet``
+    gives back the input's dtypes and nullable ``Int64`` token columns."""
+    fields = result_fields()
+    return pa.schema(list(input_schema) + fields,
+                     metadata=_pandas_metadata(input_schema.metadata, fields))
+
+
+def _pandas_metadata(metadata: dict[bytes, bytes] | None, fields: list[pa.Field]
+                     ) -> dict[bytes, bytes]:
+    blank = pd.DataFrame({field.name: pd.Series([], dtype="Int64") for field in fields
+                          if pa.types.is_integer(field.type)})
+    made = pa.Schema.from_pandas(blank, preserve_index=False).metadata
+    kept = dict(metadata or {})
+    if b"pandas" not in kept:
+        kept[b"pandas"] = made[b"pandas"]
+        return kept
+    pandas_meta = orjson.loads(kept[b"pandas"])
+    pandas_meta["columns"] += orjson.loads(made[b"pandas"])["columns"]
+    kept[b"pandas"] = orjson.dumps(pandas_meta)
+    return kept
 
 
 _NO_OUTCOME = RowResult.failed("no outcome recorded", 0).to_dict()
@@ -57,6 +79,33 @@ def attach_results(batch: pa.RecordBatch, records: list[dict[str, Any] | None],
 class _BatchWriter(Protocol):
     def write(self, batch: pa.RecordBatch) -> None: ...
     def close(self) -> None: ...
+
+
+class _CsvWriter:
+    """CSV the way spreadsheets and ``pd.read_csv`` expect it: quotes only where a
+    value needs them (pyarrow's writer quotes every text value), null as an empty
+    field, and nested values (lists, structs, maps) as JSON text, which CSV can hold."""
+
+    def __init__(self, handle: IO[bytes], schema: pa.Schema) -> None:
+        self._text = io.TextIOWrapper(handle, encoding="utf-8", newline="", write_through=True)
+        self._csv = csv.writer(self._text, lineterminator="\n")
+        self._csv.writerow(schema.names)
+        self._nested = [pa.types.is_nested(field.type) for field in schema]
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        columns = [_json_texts(column) if nested else column.to_pylist()
+                   for column, nested in zip(batch.columns, self._nested, strict=True)]
+        self._csv.writerows(zip(*columns, strict=True))
+
+    def close(self) -> None:
+        self._text.flush()
+        self._text.detach()  # the caller owns the handle
+
+
+def _json_texts(column: pa.Array) -> list[str | None]:
+    return [None if value is None else
+            orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS, default=str).decode()
+            for value in column.to_pylist()]
 
 
 class _JsonlWriter:
@@ -117,7 +166,7 @@ def _open_writer(suffix: str, handle: IO[bytes], schema: pa.Schema) -> _BatchWri
     if suffix == ".parquet":
         writer = pq.ParquetWriter(handle, schema)
     elif suffix == ".csv":
-        writer = pacsv.CSVWriter(handle, schema)
+        writer = _CsvWriter(handle, schema)
     else:
         writer = _JsonlWriter(handle)
     return writer

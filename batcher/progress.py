@@ -1,20 +1,35 @@
 """What a person (or a cron log) sees while a run goes on.
 
 On a terminal: a tqdm bar with rows, ok/error, tokens and requests per
-second. Elsewhere: one plain log line every few seconds, so a cron mail
-or a CI log shows progress without carriage-return noise.
+second. Elsewhere: a line as the run starts, then one every few seconds,
+each standing alone in a log file (time, job, rows done of total, ok/error,
+rate, ETA), so a cron mail or a CI log shows progress without
+carriage-return noise.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TextIO
 
-from tqdm.auto import tqdm
-
 from batcher.records import RowResult
+
+# A share of truncated replies worth a warning: below it, a few long answers.
+TRUNCATION_WARNING_SHARE = 0.05
+INPUT_ERROR_CLASS = "input"
+
+
+@dataclass
+class ErrorClass:
+    """Rows that failed the same way in one run: how many, and the first of them."""
+
+    count: int
+    first_row: int
+    first_error: str
 
 
 @dataclass
@@ -25,6 +40,7 @@ class RunStats:
     already_done: int = 0
     ok: int = 0
     errors: int = 0
+    truncated: int = 0
     requests: int = 0
     rate_limited: int = 0
     prompt_tokens: int = 0
@@ -32,12 +48,22 @@ class RunStats:
     batch_tokens: tuple[int, int] = (0, 0)
     """The part of the prompt and completion tokens answered by a Batch API (half price)."""
     started: float = field(default_factory=time.monotonic)
+    error_classes: dict[str, ErrorClass] = field(default_factory=dict)
 
-    def record(self, result: RowResult) -> None:
+    def record(self, position: int, result: RowResult, error_class: str | None = None) -> None:
+        """Count one finished row; ``error_class`` groups failures for the summary
+        (the failure's signature, or ``input`` for a row that could not be sent)."""
         if result.ok:
             self.ok += 1
+            self.truncated += result.finish_reason == "length"
         else:
             self.errors += 1
+            name = error_class or INPUT_ERROR_CLASS
+            known = self.error_classes.get(name)
+            if known is None:
+                self.error_classes[name] = ErrorClass(1, position, result.error or "")
+            else:
+                known.count += 1
         self.prompt_tokens += result.prompt_tokens or 0
         self.completion_tokens += result.completion_tokens or 0
 
@@ -53,26 +79,61 @@ class RunStats:
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
+    def requests_per_minute(self) -> float:
+        elapsed = self.elapsed_s
+        return self.requests * 60 / elapsed if elapsed > 0 else 0.0
+
+    def rows_per_minute(self) -> float:
+        elapsed = self.elapsed_s
+        return (self.ok + self.errors) * 60 / elapsed if elapsed > 0 else 0.0
+
+    def eta_s(self) -> float | None:
+        """Seconds to the last row at this run's pace so far (None before a pace exists)."""
+        rate = self.rows_per_minute() / 60
+        remaining = self.total_rows - self.finished
+        if remaining <= 0:
+            return 0.0
+        return remaining / rate if rate > 0 else None
+
+    def error_lines(self) -> list[str]:
+        """One line per way rows failed, most frequent first, with the first example."""
+        ranked = sorted(self.error_classes.items(), key=lambda item: -item[1].count)
+        return [f"{found.count} row{'' if found.count == 1 else 's'} failed with {name} "
+                f"(first: row {found.first_row + 1}: {found.first_error})"
+                for name, found in ranked]
+
+    def warnings(self) -> list[str]:
+        """What a run that "worked" may still have got wrong."""
+        if not self.ok or self.truncated / self.ok < TRUNCATION_WARNING_SHARE:
+            return []
+        return [f"{self.truncated} of {self.ok} replies ({self.truncated / self.ok:.0%}) were cut "
+                "off by the token limit (finish_reason 'length'); raise params.max_tokens if "
+                "they should be whole"]
+
 
 class Progress:
-    """A bar on a terminal, periodic log lines elsewhere, nothing when quiet."""
+    """A bar on a terminal, standalone log lines elsewhere, nothing when quiet."""
 
     def __init__(self, stats: RunStats, *, stream: TextIO | None = None, enabled: bool = True,
-                 log_every_s: float = 5.0, bar: bool | None = None) -> None:
+                 log_every_s: float = 5.0, bar: bool | None = None, label: str = "") -> None:
         self._stats = stats
         self._stream = stream or sys.stderr
         self._enabled = enabled
         self._log_every_s = log_every_s
+        self._label = label
         use_bar = self._stream.isatty() if bar is None else bar
-        self._bar: tqdm[Any] | None = None
+        self._bar: Any = None
         if enabled and use_bar:
-            self._bar = tqdm(total=stats.total_rows, initial=stats.already_done, unit="row",
-                             file=self._stream, dynamic_ncols=True, smoothing=0.05)
+            self._bar = _bar_class()(total=stats.total_rows, initial=stats.already_done,
+                                     unit="row", file=self._stream, dynamic_ncols=True,
+                                     smoothing=0.05)
+        elif enabled:
+            self._log(f"starting, {stats.total_rows - stats.already_done} rows to do")
         self._last_log = time.monotonic()
         self._last_postfix = 0.0
 
-    def update(self, result: RowResult) -> None:
-        self._stats.record(result)
+    def update(self, position: int, result: RowResult, error_class: str | None = None) -> None:
+        self._stats.record(position, result, error_class)
         if not self._enabled:
             return
         now = time.monotonic()
@@ -83,8 +144,7 @@ class Progress:
                 self._bar.set_postfix_str(self._postfix(), refresh=False)
         elif now - self._last_log >= self._log_every_s:
             self._last_log = now
-            print(f"progress: {self._stats.finished}/{self._stats.total_rows} rows, "
-                  f"{self._postfix()}", file=self._stream, flush=True)
+            self._log(self._log_line())
 
     def close(self) -> None:
         if self._bar is not None:
@@ -98,3 +158,42 @@ class Progress:
         rate = stats.requests / elapsed if elapsed > 0 else 0.0
         return (f"ok={stats.ok} err={stats.errors} tok={stats.tokens:,} "
                 f"{rate:.1f} req/s")
+
+    def _log_line(self) -> str:
+        stats = self._stats
+        share = stats.finished / stats.total_rows if stats.total_rows else 1.0
+        eta = stats.eta_s()
+        return (f"{stats.finished}/{stats.total_rows} rows ({share:.0%}), {stats.ok} ok, "
+                f"{stats.errors} error{'' if stats.errors == 1 else 's'}, "
+                f"{stats.rows_per_minute():.0f} rows/min, "
+                f"ETA {'unknown' if eta is None else _duration(eta)}")
+
+    def _log(self, text: str) -> None:
+        stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+        job = f" {self._label}:" if self._label else ""
+        print(f"{stamp} batcher{job} {text}", file=self._stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _bar_class() -> Any:
+    """tqdm's notebook widget inside Jupyter when ipywidgets is installed, its text
+    bar otherwise: ``tqdm.auto`` would warn "IProgress not found" in a notebook
+    without ipywidgets, where the text bar serves well enough."""
+    shell = sys.modules.get("IPython")
+    in_kernel = False
+    if shell is not None:
+        ipython = getattr(shell, "get_ipython", lambda: None)()
+        in_kernel = ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
+    if in_kernel and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as notebook_bar
+        return notebook_bar
+    from tqdm.std import tqdm as text_bar
+    return text_bar

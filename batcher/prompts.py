@@ -1,4 +1,11 @@
-"""Turning input rows into chat messages."""
+"""Turning input rows into chat messages.
+
+One rule for a missing cell, whether the prompt is a column or a template: a
+null, NaN or blank value in a column the prompt reads makes the row an input
+error that is not sent (``prompt.missing: error``, the default), or renders
+as empty text (``prompt.missing: empty``). Nested values (a JSONL object, a
+Parquet list) render as JSON, not as Python reprs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 from batcher.config import PromptSpec
@@ -33,12 +41,20 @@ class PromptRenderer:
     def __init__(self, spec: PromptSpec) -> None:
         self._spec = spec
         self._columns = spec.columns()
+        self._missing_is_error = spec.missing == "error"
 
     def render(self, batch: pa.RecordBatch, first_position: int) -> Iterator[RenderedRow]:
-        columns = {name: batch.column(name).to_pylist() for name in self._columns}
+        columns = {name: [_cell(value) for value in batch.column(name).to_pylist()]
+                   for name in self._columns}
         for offset in range(batch.num_rows):
             values = {name: columns[name][offset] for name in self._columns}
             position = first_position + offset
+            if self._missing_is_error:
+                missing = next((name for name, value in values.items()
+                                if isinstance(value, str) and not value.strip()), None)
+                if missing is not None:
+                    yield RenderedRow(position, None, 0, _missing_problem(missing))
+                    continue
             try:
                 prompt = self._prompt(values)
             except (ValueError, TypeError, KeyError, IndexError) as exc:
@@ -55,12 +71,25 @@ class PromptRenderer:
 
     def _prompt(self, values: dict[str, Any]) -> str:
         if self._spec.column is not None:
-            value = values[self._spec.column]
-            return "" if value is None else str(value)
+            return str(values[self._spec.column])
         assert self._spec.template is not None
-        return _COLUMNS_FORMATTER.vformat(
-            self._spec.template, (),
-            {name: "" if value is None else value for name, value in values.items()})
+        return _COLUMNS_FORMATTER.vformat(self._spec.template, (), values)
+
+
+def _cell(value: Any) -> Any:
+    """A cell as the prompt sees it: null and NaN as empty text, nested values as
+    JSON text; numbers stay numbers, so a template's ``{price:.2f}`` still works."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, dict | list | tuple):
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS, default=str).decode()
+    return value
+
+
+def _missing_problem(column: str) -> str:
+    shown = column if column.isprintable() else column.encode("unicode_escape").decode("ascii")
+    return (f"prompt is empty: column '{shown}' is null or blank in this row, so it is not "
+            "sent (prompt.missing: empty sends it with empty text)")
 
 
 class _ColumnFormatter(string.Formatter):
