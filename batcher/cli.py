@@ -83,9 +83,14 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
     if report.pending is not None:
         click.echo(f"submitted: {report.pending}")
         return
-    click.echo(f"batcher: {Summary.of(job, report, time.monotonic() - started)}", err=True)
+    for line in Summary.of(job, report, time.monotonic() - started).lines():
+        click.echo(f"batcher: {line}", err=True)
     state = "complete" if not report.failed_rows else (
         f"{report.failed_rows} row{'s' if report.failed_rows != 1 else ''} failed")
+    if not report.results_rewritten:
+        state += ", already up to date"
+    elif job.output is not None and report.results_path != job.output.path:
+        state += f", a sample of the first {limit} rows; {job.output.path} is left as it was"
     click.echo(f"results: {report.results_path} ({report.rows} rows, {state})")
     sys.exit(report.exit_code)
 
@@ -98,6 +103,8 @@ def validate(job_file: Path) -> None:
     def check() -> None:
         job = load_job(job_file)
         prepared = prepare(job)
+        if job.output is not None:
+            jobs.check_output_folder(job.output.path.parent)
         click.echo(f"{job_file}: ok ({prepared.rows} rows in {job.input.path.name})")
 
     _report_errors(check)

@@ -126,9 +126,10 @@ class ChatClient:
         try:
             if status != 200:
                 error = classify_error(status, payload, headers)
-                if status == 404 and error.code is None and error.type is None:
-                    # No API error body: no such route at all, so the URL is wrong for
-                    # every row alike (a model_not_found 404 stays a row's error).
+                if status == 404 and error.code is None:
+                    # No error code (OpenAI's "Invalid URL", a framework's "Not Found"):
+                    # no such route, so the URL is wrong for every row alike. A 404 with
+                    # a code (model_not_found, DeploymentNotFound) stays the row's error.
                     error.verdict = Verdict.ABORT
                     error.message = not_found_message(self._endpoint.url, error.message)
                 raise error
@@ -238,7 +239,7 @@ class BatchClient:
 
 
 def not_found_message(url: str, reason: str) -> str:
-    """Which URL answered 404 without an API error, and the likely fix."""
+    """Which URL answered 404 without an error code, and the likely fix."""
     parts = urlsplit(url)
     shown = redact_url(f"{parts.scheme}://{parts.netloc}{parts.path}")
     text = f"POST {shown} answered 404 ({reason})"

@@ -3,20 +3,34 @@
 Only when every row has an outcome are the input's batches read again and
 each joined with its rows' journal records, one batch at a time, so a
 million-row results file never needs the whole input or journal in memory.
+
+Rows that could not be sent because of their input (an empty prompt) are
+not journaled: the input is at fault, not the server, so each run renders
+them again and the checkpoint does not grow night after night. Their
+results row is rebuilt here from the same rendering.
+
+A run that sent nothing over an unchanged input and checkpoint leaves an
+up-to-date results file alone: a stamp beside the checkpoint records what
+the file was written from.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pyarrow as pa
 
 from batcher.checkpoint import Checkpoint
+from batcher.inputs import typed_columns
 from batcher.outputs import attach_results, results_schema, write_results
 from batcher.preflight import Prepared
-from batcher.records import STATUS_OK
+from batcher.prompts import PromptRenderer
+from batcher.records import STATUS_OK, RowResult
 
 
 @dataclass(frozen=True)
@@ -24,13 +38,19 @@ class Written:
     path: Path
     rows: int
     failed_rows: int
+    rewritten: bool = True  # False: the file on disk was already up to date
 
 
 def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
     """Write the job's results file atomically; count the rows that are not ``ok``."""
-    output = prepared.job.output
-    assert output is not None
-    schema = results_schema(prepared.reader.schema)
+    path = prepared.results_path
+    stamp_path = checkpoint.path.with_name(checkpoint.path.name + ".written")
+    stamp = _stamp(prepared, checkpoint)
+    if _read_stamp(stamp_path) == {**stamp, **_file_identity(path)}:
+        rows = prepared.row_count
+        return Written(path, rows, rows - checkpoint.count_done(0, rows), rewritten=False)
+    schema = results_schema(prepared.output_schema)
+    renderer = PromptRenderer(prepared.job.prompt)
     failed = 0
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -38,11 +58,53 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
         position = 0
         for batch in prepared.batches():
             records = checkpoint.read(position, position + batch.num_rows)
+            if None in records:
+                _fill_input_errors(records, batch, position, renderer)
             failed += sum(1 for record in records
                           if record is None or record["status"] != STATUS_OK)
-            yield attach_results(batch, records, schema)
+            typed = typed_columns(batch, prepared.output_schema)
+            yield attach_results(typed, records, schema)
             position += batch.num_rows
 
-    rows = write_results(output.path, schema, batches())
+    rows = write_results(path, schema, batches())
     checkpoint.sync()
-    return Written(output.path, rows, failed)
+    _write_stamp(stamp_path, {**stamp, **_file_identity(path)})
+    return Written(path, rows, failed)
+
+
+def _fill_input_errors(records: list[dict[str, Any] | None], batch: pa.RecordBatch,
+                       start: int, renderer: PromptRenderer) -> None:
+    for row in renderer.render(batch, start):
+        offset = row.position - start
+        if records[offset] is None and row.messages is None:
+            records[offset] = RowResult.failed(row.problem or "", 0).to_dict()
+
+
+def _stamp(prepared: Prepared, checkpoint: Checkpoint) -> dict[str, Any]:
+    """What a results file is written from: the job, the input, the limit and the journal."""
+    return {"job": prepared.fingerprint, "input": prepared.input_digest,
+            "limit": prepared.limit, "journal_bytes": checkpoint.path.stat().st_size}
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    try:
+        status = path.stat()
+    except OSError:
+        return {"results": None}
+    return {"results": str(path), "size": status.st_size, "mtime_ns": status.st_mtime_ns,
+            "inode": status.st_ino}
+
+
+def _read_stamp(path: Path) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+
+
+def _write_stamp(path: Path, stamp: dict[str, Any]) -> None:
+    """Best effort: without a stamp the next run simply writes the results again."""
+    temp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(OSError):
+        temp.write_bytes(orjson.dumps(stamp))
+        temp.replace(path)

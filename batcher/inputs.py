@@ -344,6 +344,7 @@ class InputSummary:
     digest: str
     # The input columns as the results hold them (CSV numbers typed).
     output_schema: pa.Schema
+    beyond_limit: bool = False  # the input has more rows than the limit let through
 
 
 def scan_input(reader: InputReader, id_column: str | None, limit: int | None) -> InputSummary:
@@ -357,11 +358,14 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
         reader.check_csv_text()
         types = CsvColumnTypes(reader.schema)
     rows = 0
+    more = False  # rows beyond the limit
     hashes: list[np.ndarray] = []
     for batch in reader.batches():
         if limit is not None and rows >= limit:
+            more = True
             break
         if limit is not None and rows + batch.num_rows > limit:
+            more = True
             batch = batch.slice(0, limit - rows)
         if types is not None:
             types.observe(batch)
@@ -376,7 +380,8 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
     if hashes:
         _check_unique_ids(reader, id_column or "", np.concatenate(hashes), limit)
     output_schema = types.schema() if types is not None else reader.schema
-    return InputSummary(rows=rows, digest=reader.content_digest(), output_schema=output_schema)
+    return InputSummary(rows=rows, digest=reader.content_digest(), output_schema=output_schema,
+                        beyond_limit=more)
 
 
 def id_strings(column: pa.Array) -> list[str]:

@@ -98,8 +98,22 @@ def endpoint_for(job: Job, environ: Mapping[str, str] | None = None
         yield resolve_endpoint(job.endpoint, base_url=server.base_url, environ=environ)
 
 
+def check_output_folder(folder: Path) -> None:
+    """Without creating anything (for ``validate``): the results' folder exists or
+    can be made, and is writable."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{folder}: cannot write results there ({existing} is a file, "
+                          "not a folder)")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"{folder}: cannot write results there (permission denied)")
+
+
 def check_writable(folder: Path) -> None:
     """Fail before sending anything when the results could not be written."""
+    check_output_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 import pyarrow as pa
@@ -62,10 +63,24 @@ class Prepared:
     rows: int
     fingerprint: str
     limit: int | None
+    input_digest: str
+    output_schema: pa.Schema  # the input's columns as the results hold them
+    is_sample: bool = False  # a --limit run over fewer rows than the input has
 
     @property
     def row_count(self) -> int:
         return self.rows if self.limit is None else min(self.rows, self.limit)
+
+    @property
+    def results_path(self) -> Path:
+        """Where the results go: a sample goes beside the results file, never over it
+        (``out.csv`` with ``--limit 5``: ``out.limit-5.csv``)."""
+        output = self.job.output
+        assert output is not None
+        if not self.is_sample:
+            return output.path
+        path = output.path
+        return path.with_name(f"{path.stem}.limit-{self.limit}{path.suffix}")
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         """The input's rows within the limit, streamed in record batches."""
@@ -92,13 +107,14 @@ def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) ->
     ``allow_empty`` is for callers where no rows is a normal case (an empty
     DataFrame from the Python API).
     """
-    reader = InputReader(job.input.path)
+    reader = InputReader(job.input.path, delimiter=job.input.delimiter)
     _check_columns(job, reader)
     summary = scan_input(reader, job.input.id_column, limit)
     if summary.rows == 0 and not allow_empty and limit != 0:
         raise DataError(f"{job.input.path}: the input has no rows (only a header); "
                         "nothing to send")
-    return Prepared(job, reader, summary.rows, fingerprint(job, summary.digest), limit)
+    return Prepared(job, reader, summary.rows, fingerprint(job, summary.digest), limit,
+                    summary.digest, summary.output_schema, summary.beyond_limit)
 
 
 def fingerprint(job: Job, input_digest: str) -> str:
@@ -146,7 +162,7 @@ def _check_columns(job: Job, reader: InputReader) -> None:
         if column not in names:
             listed = ", ".join(_printable(name) for name in names) or "none"
             raise DataError(f"{path}: {setting} names column '{_printable(column)}', which the "
-                            f"input does not have (columns: {listed})")
+                            f"input does not have (columns: {listed}){reader.columns_hint()}")
     clashes = [name for name in names if name in RESULT_COLUMNS]
     if clashes:
         raise DataError(f"{path}: input column '{clashes[0]}' has the name of a results column; "

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batcher.checkpoint import Checkpoint
-from batcher.errors import BatcherError, Interrupted, RunAborted
+from batcher.errors import ApiError, BatcherError, Interrupted, RunAborted
 from batcher.finish import write_results_file
 from batcher.limits import Clock, RateLimiter, Sleep
 from batcher.pipeline import RowRequest, Sender, Sending, attempt_row, row_request
@@ -96,6 +96,7 @@ class RunReport:
     failed_rows: int
     results_path: Path | None
     pending: str | None = None
+    results_rewritten: bool = True  # False: nothing changed, the file was left alone
 
     @property
     def exit_code(self) -> int:
@@ -141,7 +142,7 @@ class Run:
         if self._options.control is not None:
             self._options.control.attach(self, asyncio.get_running_loop())
         self._progress = Progress(self.stats, enabled=self._options.progress,
-                                  bar=self._options.bar)
+                                  bar=self._options.bar, label=self.job.name)
         try:
             with self._signals_handled():
                 await self._dispatch()
@@ -158,7 +159,8 @@ class Run:
                         f"while writing the results; {written.path} is complete")
         finally:
             self._progress.close()
-        return RunReport(self.stats, written.rows, written.failed_rows, written.path)
+        return RunReport(self.stats, written.rows, written.failed_rows, written.path,
+                         written.rewritten)
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop sending new requests; a second request cancels in-flight ones too."""
@@ -232,7 +234,9 @@ class Run:
                 break  # stop reading the input too, not just sending
             request = row_request(row, self.job)
             if isinstance(request, RowResult):
-                self._journal(row.position, request)
+                # The input's fault: reported, never journaled (see batcher.finish).
+                assert self._progress is not None
+                self._progress.update(row.position, request)
             else:
                 await queue.put(request)
         for _ in range(workers):
@@ -245,18 +249,18 @@ class Run:
             outcome = await attempt_row(request, sending)
             if outcome is None:
                 continue
-            self._journal(request.position, outcome.result)
             failure = outcome.failure
+            self._journal(request.position, outcome.result, failure)
             if self._streak.record(failure.signature if failure else None):
                 raise RunAborted(
                     f"stopped after {self._streak.count} rows in a row failed the same way "
                     f"({failure.message if failure else ''}); fix the job and run again, the "
                     "checkpoint is kept (retry.stop_after_identical_failures sets the count)")
 
-    def _journal(self, position: int, result: RowResult) -> None:
+    def _journal(self, position: int, result: RowResult, failure: ApiError | None) -> None:
         self._checkpoint.append(position, result)
         assert self._progress is not None
-        self._progress.update(result)
+        self._progress.update(position, result, failure.signature if failure else None)
 
     @contextlib.contextmanager
     def _signals_handled(self) -> Iterator[None]:

@@ -38,6 +38,9 @@ class Summary:
     cost_usd: float | None
     elapsed_s: float
     simulated: bool
+    # How this run's failed rows failed: a line per kind with its count and first example.
+    failures: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # what a run that "worked" may still have got wrong
 
     @classmethod
     def of(cls, job: Job, report: RunReport, elapsed_s: float) -> Summary:
@@ -53,7 +56,8 @@ class Summary:
             requests=stats.requests, rate_limited=stats.rate_limited,
             prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
             cost_usd=cost, elapsed_s=round(elapsed_s, 3),
-            simulated=job.endpoint.mock is not None)
+            simulated=job.endpoint.mock is not None,
+            failures=tuple(stats.error_lines()), warnings=tuple(stats.warnings()))
 
     @property
     def total_tokens(self) -> int:
@@ -67,6 +71,11 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-friendly values (what ``frame.attrs["batcher"]`` holds)."""
         return {**asdict(self), "total_tokens": self.total_tokens}
+
+    def lines(self) -> list[str]:
+        """The summary, then a line per kind of failure and per warning."""
+        return ([str(self)] + [f"failed: {line}" for line in self.failures]
+                + [f"warning: {line}" for line in self.warnings])
 
     def __str__(self) -> str:
         cost = "" if self.cost_usd is None else (

@@ -8,6 +8,7 @@ terminal's lines, and what reached the server.
 from __future__ import annotations
 
 import asyncio
+import bz2
 import gzip
 import io
 import json
@@ -130,13 +131,13 @@ def test_a_blank_prompt_does_not_grow_the_checkpoint(tmp_path: Path,
 def test_a_base_url_without_v1_names_the_url_and_the_fix(tmp_path: Path,
                                                          mock_server: MockServer) -> None:
     source = prompts_csv(tmp_path, 40)
-    base = mock_server.base_url.removesuffix("/v1")
+    base = mock_server.base_url.removesuffix("/v1") + "/api"
     job = write_job(tmp_path / "job.yaml", job_dict(base, source, tmp_path / "out.csv"))
     result = invoke("run", str(job), "--quiet")
     assert result.exit_code == 3
     assert f"{base}/chat/completions answered 404" in result.stderr
     assert f"{base}/v1" in result.stderr
-    assert mock_server.stats.snapshot()["requests"] <= 10
+    assert mock_server.stats.snapshot()["requests_total"] <= 10
 
 
 # -- types that survive a round trip ---------------------------------------------------------
@@ -238,10 +239,13 @@ def test_a_rerun_with_nothing_to_send_leaves_the_results_alone(tmp_path: Path,
     run_job(job, tmp_path)
     after = output.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    # ... but a changed input is written again.
-    prompts_csv(tmp_path, 5)
+    # ... but a results file the user removed or edited is written again.
+    output.unlink()
     run_job(job, tmp_path)
-    assert len(pd.read_csv(output)) == 5
+    assert len(pd.read_csv(output)) == 4
+    output.write_text("edited\n")
+    run_job(job, tmp_path)
+    assert len(pd.read_csv(output)) == 4
 
 
 # -- inputs people actually have -------------------------------------------------------------
@@ -272,7 +276,8 @@ def test_compressed_inputs_are_read(tmp_path: Path, mock_server: MockServer, suf
     else:
         raw = b'{"id": 1, "text": "hello"}\n{"id": 2, "text": "bye"}\n'
     codec = {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}[suffix.rsplit(".", 1)[1]]
-    data = gzip.compress(raw) if codec == "gzip" else pa.compress(raw, codec=codec, asbytes=True)
+    data = (gzip.compress(raw) if codec == "gzip" else bz2.compress(raw) if codec == "bz2"
+            else pa.compress(raw, codec=codec, asbytes=True))
     source = tmp_path / f"in{suffix}"
     source.write_bytes(data)
     output = tmp_path / "out.csv"
