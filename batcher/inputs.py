@@ -38,7 +38,6 @@ BATCH_ROWS = 8192
 _HASH_CHUNK = 1 << 20
 _HEADER_CHUNK = 1 << 16
 _HEADER_LIMIT = 1 << 20
-_ZERO_PADDED = r"^[+-]?0[0-9]"
 
 
 class InputReader:
@@ -279,10 +278,10 @@ class CsvColumnTypes:
 
     The results get such a column as ``int64`` or ``float64`` (a blank cell is
     null), as ``pandas.read_csv`` would type it, so results and input merge on
-    an integer id. Integers are taken only where the number writes back as the
-    very same text: ``007`` or ``+5`` keep their text (an id must not lose its
-    zeros), and a column with a zero-padded value stays text. Everything else,
-    booleans included, stays text.
+    an integer id. A column is typed only where every number writes back as
+    the very same text, so a CSV results file repeats the input's cells to the
+    letter: ``007`` or ``+5`` keep a column text (an id must not lose its
+    zeros), and so do ``1.50``, ``1e3`` and ``nan``. Booleans stay text.
     """
 
     def __init__(self, schema: pa.Schema) -> None:
@@ -300,9 +299,6 @@ class CsvColumnTypes:
             if not len(values):
                 continue
             self._has_values.add(name)
-            if pc.any(pc.match_substring_regex(values, _ZERO_PADDED)).as_py():
-                candidates.clear()  # a code such as 007, not a number
-                continue
             candidates[:] = [kind for kind in candidates if _holds_only(values, kind)]
 
     def schema(self) -> pa.Schema:
@@ -320,9 +316,9 @@ def _holds_only(values: pa.Array, kind: pa.DataType) -> bool:
         numbers = pc.cast(values, kind)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return False
-    if pa.types.is_integer(kind):
-        return bool(pc.all(pc.equal(pc.cast(numbers, pa.string()), values)).as_py())
-    return True
+    if pa.types.is_floating(kind) and not pc.all(pc.is_finite(numbers)).as_py():
+        return False  # nan and inf: JSON has no such numbers, so they stay text
+    return bool(pc.all(pc.equal(pc.cast(numbers, pa.string()), values)).as_py())
 
 
 def typed_columns(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

@@ -20,6 +20,7 @@ from typing import IO, Any, Protocol
 import orjson
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.errors import OutputError
@@ -88,13 +89,20 @@ class _CsvWriter:
 
     def __init__(self, handle: IO[bytes], schema: pa.Schema) -> None:
         self._text = io.TextIOWrapper(handle, encoding="utf-8", newline="", write_through=True)
-        self._csv = csv.writer(self._text, lineterminator="\n")
+        # RFC 4180's CRLF: the csv module quotes a field holding any character of the
+        # line terminator, so a lone CR in a cell is quoted too.
+        self._csv = csv.writer(self._text, lineterminator="\r\n")
         self._csv.writerow(schema.names)
         self._nested = [pa.types.is_nested(field.type) for field in schema]
+        # Floats as Arrow writes them ("2", not Python's "2.0"): a typed CSV input column
+        # comes back as the very text it was read from (see batcher.inputs.CsvColumnTypes).
+        self._floats = [pa.types.is_floating(field.type) for field in schema]
 
     def write(self, batch: pa.RecordBatch) -> None:
-        columns = [_json_texts(column) if nested else column.to_pylist()
-                   for column, nested in zip(batch.columns, self._nested, strict=True)]
+        columns = [_json_texts(column) if nested else
+                   pc.cast(column, pa.string()).to_pylist() if floating else column.to_pylist()
+                   for column, nested, floating in zip(batch.columns, self._nested,
+                                                       self._floats, strict=True)]
         self._csv.writerows(zip(*columns, strict=True))
 
     def close(self) -> None:

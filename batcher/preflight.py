@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import orjson
 import pyarrow as pa
@@ -63,24 +62,12 @@ class Prepared:
     rows: int
     fingerprint: str
     limit: int | None
-    input_digest: str
     output_schema: pa.Schema  # the input's columns as the results hold them
     is_sample: bool = False  # a --limit run over fewer rows than the input has
 
     @property
     def row_count(self) -> int:
         return self.rows if self.limit is None else min(self.rows, self.limit)
-
-    @property
-    def results_path(self) -> Path:
-        """Where the results go: a sample goes beside the results file, never over it
-        (``out.csv`` with ``--limit 5``: ``out.limit-5.csv``)."""
-        output = self.job.output
-        assert output is not None
-        if not self.is_sample:
-            return output.path
-        path = output.path
-        return path.with_name(f"{path.stem}.limit-{self.limit}{path.suffix}")
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         """The input's rows within the limit, streamed in record batches."""
@@ -114,7 +101,7 @@ def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) ->
         raise DataError(f"{job.input.path}: the input has no rows (only a header); "
                         "nothing to send")
     return Prepared(job, reader, summary.rows, fingerprint(job, summary.digest), limit,
-                    summary.digest, summary.output_schema, summary.beyond_limit)
+                    summary.output_schema, summary.beyond_limit)
 
 
 def fingerprint(job: Job, input_digest: str) -> str:

@@ -1,8 +1,8 @@
 """What a person (or a cron log) sees while a run goes on.
 
 On a terminal: a tqdm bar with rows, ok/error, tokens and requests per
-second. Elsewhere: a line as the run starts, then one every few seconds,
-each standing alone in a log file (time, job, rows done of total, ok/error,
+second. Elsewhere: a line at the first finished row, then one every few
+seconds, each standing alone in a log file (time, job, rows done of total, ok/error,
 rate, ETA), so a cron mail or a CI log shows progress without
 carriage-return noise.
 """
@@ -10,6 +10,7 @@ carriage-return noise.
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -127,9 +128,7 @@ class Progress:
             self._bar = _bar_class()(total=stats.total_rows, initial=stats.already_done,
                                      unit="row", file=self._stream, dynamic_ncols=True,
                                      smoothing=0.05)
-        elif enabled:
-            self._log(f"starting, {stats.total_rows - stats.already_done} rows to do")
-        self._last_log = time.monotonic()
+        self._last_log = -math.inf  # the first finished row is logged at once
         self._last_postfix = 0.0
 
     def update(self, position: int, result: RowResult, error_class: str | None = None) -> None:

@@ -112,7 +112,8 @@ def test_permanent_400_is_a_row_error_and_the_run_goes_on(tmp_path: Path,
     assert list(frame["status"]) == ["ok", "error", "ok", "error"]
     assert cell(frame, "b", "error").startswith("HTTP 400")
     assert cell(frame, "b", "attempts") == 1  # not retried
-    assert cell(frame, "d", "error") == "prompt is empty" and cell(frame, "d", "attempts") == 0
+    assert cell(frame, "d", "error").startswith("prompt is empty")
+    assert cell(frame, "d", "attempts") == 0
     assert pd.isna(cell(frame, "b", "reply"))
 
 
@@ -161,7 +162,7 @@ def test_limit_zero_is_an_empty_run(tmp_path: Path, mock_server: MockServer) -> 
                                                     tmp_path / "out.csv"))
     result = cli("run", str(job), "-q", "--limit", "0")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "out.csv").read_text().splitlines()[0].startswith('"id","text"')
+    assert (tmp_path / "out.csv").read_text().splitlines()[0].startswith('id,text,')
     assert len((tmp_path / "out.csv").read_text().splitlines()) == 1
     assert mock_server.stats.snapshot()["requests_total"] == 0
 
@@ -203,4 +204,5 @@ def test_results_keep_input_columns_and_types(tmp_path: Path, mock_server: MockS
     run_job(job_dict(mock_server.base_url, source, tmp_path / "out.parquet"), tmp_path)
     frame = pd.read_parquet(tmp_path / "out.parquet")
     assert frame["score"].tolist() == [0, 0.5, 1.0, 1.5, 2.0]
-    assert frame["prompt_tokens"].dtype == "int64"
+    # Nullable integers: an error row's null token counts do not turn them into floats.
+    assert str(frame["prompt_tokens"].dtype) == "Int64"
