@@ -72,7 +72,7 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
     """
     job = _report_errors(lambda: load_job(job_file))
     if estimate_only:
-        figures = _report_errors(lambda: jobs.dry_run(job, limit))
+        figures = _report_errors(lambda: jobs.dry_run(job, limit, fresh=fresh))
         click.echo(f"{job_file}: dry run, nothing sent: {figures.describe(job.model)}")
         return
     if job.endpoint.mock is not None:

@@ -9,19 +9,24 @@ not journaled: the input is at fault, not the server, so each run renders
 them again and the checkpoint does not grow night after night. Their
 results row is rebuilt here from the same rendering.
 
-A run that changed nothing leaves an up-to-date results file alone: one
-newer than both the checkpoint and the input was written from what they
-hold now. A ``--limit`` sample never replaces a results file: when one is
-there, the sample goes beside it (``out.limit-5.csv``).
+A run that changed nothing leaves an up-to-date results file alone: a
+stamp beside the checkpoint (``out.ckpt.written``) records what the file
+was written from (the job, the input's bytes, the journal's length) and the
+file as written (size, time, inode), so a changed input, a new answer or a
+results file replaced by hand is written again. A ``--limit`` sample never
+replaces a results file: when one is there, the sample goes beside it
+(``out.limit-5.csv``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 from batcher.checkpoint import Checkpoint
@@ -43,7 +48,9 @@ class Written:
 def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
     """Write the job's results file atomically; count the rows that are not ``ok``."""
     path = results_destination(prepared)
-    if _up_to_date(path, checkpoint.path, prepared.job.input.path):
+    stamp_path = checkpoint.path.with_name(checkpoint.path.name + ".written")
+    stamp = _stamp(prepared, checkpoint)
+    if _read_stamp(stamp_path) == {**stamp, **_file_identity(path)}:
         rows = prepared.row_count
         return Written(path, rows, rows - checkpoint.count_done(0, rows), rewritten=False)
     schema = results_schema(prepared.output_schema)
@@ -65,6 +72,7 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
 
     rows = write_results(path, schema, batches())
     checkpoint.sync()
+    _write_stamp(stamp_path, {**stamp, **_file_identity(path)})
     return Written(path, rows, failed)
 
 
@@ -86,9 +94,30 @@ def _fill_input_errors(records: list[dict[str, Any] | None], batch: pa.RecordBat
             records[offset] = RowResult.failed(row.problem or "", 0).to_dict()
 
 
-def _up_to_date(results: Path, *sources: Path) -> bool:
+def _stamp(prepared: Prepared, checkpoint: Checkpoint) -> dict[str, Any]:
+    """What a results file is written from: the job, the input, the limit, the journal."""
+    return {"job": prepared.fingerprint, "input": prepared.input_digest,
+            "limit": prepared.limit, "journal_bytes": checkpoint.path.stat().st_size}
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
     try:
-        written = results.stat().st_mtime_ns
-        return all(written >= source.stat().st_mtime_ns for source in sources)
+        status = path.stat()
     except OSError:
-        return False
+        return {"results": None}
+    return {"results": str(path), "size": status.st_size, "mtime_ns": status.st_mtime_ns,
+            "inode": status.st_ino}
+
+
+def _read_stamp(path: Path) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+
+
+def _write_stamp(path: Path, stamp: dict[str, Any]) -> None:
+    """Best effort, and small enough for one write: a stamp torn by a kill, or none,
+    only means the next run writes the results again."""
+    with contextlib.suppress(OSError):
+        path.write_bytes(orjson.dumps(stamp))

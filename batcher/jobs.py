@@ -61,13 +61,14 @@ async def arun_job(job: Job, options: RunOptions | None = None, *,
 
 
 def dry_run(job: Job, limit: int | None = None,
-            environ: Mapping[str, str] | None = None) -> Estimate:
-    """Check the job, its input and its endpoint settings; estimate without sending."""
+            environ: Mapping[str, str] | None = None, *, fresh: bool = False) -> Estimate:
+    """Check the job, its input and its endpoint settings; estimate without sending
+    (with ``fresh``, as if the checkpoint were discarded)."""
     prepared: Prepared = prepare(job, limit)
     if job.endpoint.mock is None:
         resolve_endpoint(job.endpoint, environ=environ)  # a missing key is exit 2 here too
     checkpoint_path = job.output.checkpoint_path if job.output else None
-    if checkpoint_path is not None and checkpoint_path.exists():
+    if checkpoint_path is not None and checkpoint_path.exists() and not fresh:
         try:
             with Checkpoint(checkpoint_path, prepared.fingerprint) as checkpoint:
                 return _with_batch_plan(estimate(prepared, checkpoint), prepared, checkpoint)

@@ -62,6 +62,7 @@ class Prepared:
     rows: int
     fingerprint: str
     limit: int | None
+    input_digest: str  # the input's bytes, for the results' up-to-date stamp
     output_schema: pa.Schema  # the input's columns as the results hold them
     is_sample: bool = False  # a --limit run over fewer rows than the input has
 
@@ -101,7 +102,7 @@ def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) ->
         raise DataError(f"{job.input.path}: the input has no rows (only a header); "
                         "nothing to send")
     return Prepared(job, reader, summary.rows, fingerprint(job, summary.digest), limit,
-                    summary.output_schema, summary.beyond_limit)
+                    summary.digest, summary.output_schema, summary.beyond_limit)
 
 
 def fingerprint(job: Job, input_digest: str) -> str:

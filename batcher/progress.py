@@ -9,7 +9,6 @@ carriage-return noise.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 import time
@@ -191,8 +190,13 @@ def _bar_class() -> Any:
     if shell is not None:
         ipython = getattr(shell, "get_ipython", lambda: None)()
         in_kernel = ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
-    if in_kernel and importlib.util.find_spec("ipywidgets") is not None:
-        from tqdm.notebook import tqdm as notebook_bar
-        return notebook_bar
+    if in_kernel:
+        try:
+            import ipywidgets  # type: ignore[import-untyped]  # noqa: F401 - the widget needs it
+        except ImportError:
+            pass
+        else:
+            from tqdm.notebook import tqdm as notebook_bar
+            return notebook_bar
     from tqdm.std import tqdm as text_bar
     return text_bar

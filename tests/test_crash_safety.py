@@ -96,7 +96,8 @@ def test_random_sigkills_then_one_more_run_lose_nothing_and_resend_only_in_fligh
     checkpoint = tmp_path / "out.ckpt"
     job = write_job(tmp_path / "job.yaml", job_dict(
         server.base_url, source, output, limits={"concurrency": KILL_CONCURRENCY}))
-    expected_files = {"in.csv", "job.yaml", "out.parquet", "out.ckpt", "out.ckpt.lock"}
+    expected_files = {"in.csv", "job.yaml", "out.parquet", "out.ckpt", "out.ckpt.lock",
+                      "out.ckpt.written"}
 
     rng = random.Random(20240611)
     kills = end_kills = 0

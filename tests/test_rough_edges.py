@@ -28,7 +28,7 @@ from batcher.config import job_from_dict
 from batcher.jobs import arun_job
 from batcher.mock_server import MockServer, reply_for
 from batcher.progress import Progress, RunStats
-from batcher.records import RowResult
+from batcher.records import RESULT_COLUMNS, RowResult
 from batcher.runner import RunOptions, RunReport
 
 ENV = {"BATCHER_TEST_KEY": TEST_KEY}
@@ -239,8 +239,11 @@ def test_a_rerun_with_nothing_to_send_leaves_the_results_alone(tmp_path: Path,
     run_job(job, tmp_path)
     after = output.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    # ... but one the user removed is written again.
+    # ... but one the user removed or replaced is written again.
     output.unlink()
+    run_job(job, tmp_path)
+    assert len(pd.read_csv(output)) == 4
+    output.write_text("edited\n")
     run_job(job, tmp_path)
     assert len(pd.read_csv(output)) == 4
 
@@ -290,3 +293,62 @@ def test_a_corrupt_compressed_input_is_exit_2(tmp_path: Path) -> None:
     result = invoke("validate", str(job))
     assert result.exit_code == 2
     assert "cannot decompress the input as gzip" in result.stderr
+
+
+# -- the README tells the truth --------------------------------------------------------------
+
+def test_the_readme_lists_the_result_columns_in_file_order() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Results", 1)[1].split("\n## ", 1)[0]
+    listed = [name for row in re.findall(r"^\| (`[^|]+`) \|", section, flags=re.M)
+              for name in re.findall(r"`([a-z_]+)`", row)]
+    assert tuple(listed) == RESULT_COLUMNS
+
+
+def test_dry_run_fresh_counts_every_row_and_gives_no_fresh_advice(tmp_path: Path,
+                                                                 mock_server: MockServer) -> None:
+    source = prompts_csv(tmp_path, 4)
+    job = write_job(tmp_path / "job.yaml", job_dict(mock_server.base_url, source,
+                                                    tmp_path / "out.csv"))
+    (tmp_path / "out.ckpt").write_text("not a checkpoint\n")
+    plain = invoke("run", str(job), "--dry-run")
+    assert "--fresh" in plain.stdout  # the run would stop on it: the way on is --fresh
+    fresh = invoke("run", str(job), "--dry-run", "--fresh")
+    assert fresh.exit_code == 0
+    assert "4 rows (4 to send, 0 already done)" in fresh.stdout
+    assert "--fresh" not in fresh.stdout
+
+
+def test_an_identical_dataframe_call_pays_once(mock_server: MockServer) -> None:
+    import batcher
+
+    frame = pd.DataFrame({"text": ["one", "two", "three"]})
+    settings: dict[str, Any] = {"model": "gpt-4o-mini", "prompt_column": "text",
+                "base_url": mock_server.base_url, "api_key": TEST_KEY, "progress": False}
+    first = batcher.run_dataframe(frame, **settings)
+    second = batcher.run_dataframe(frame, **settings)
+    assert list(first["reply"]) == list(second["reply"])
+    assert second.attrs["batcher"]["requests"] == 0
+    assert mock_server.stats.snapshot()["requests_total"] == 3
+
+
+def test_a_kernel_without_ipywidgets_gets_the_text_bar_and_no_warning(tmp_path: Path) -> None:
+    """tqdm.auto warns "IProgress not found" there; batcher picks the text bar itself."""
+    script = tmp_path / "kernel.py"
+    script.write_text(
+        "import sys, types, warnings\n"
+        "warnings.simplefilter('error')\n"
+        "fake = types.ModuleType('IPython')\n"
+        "fake.get_ipython = lambda: types.SimpleNamespace(config={'IPKernelApp': {}})\n"
+        "sys.modules['IPython'] = fake\n"
+        "sys.modules['ipywidgets'] = None  # not installed\n"
+        "import batcher\n"
+        "from batcher.progress import _bar_class\n"
+        "print(_bar_class().__module__)\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "tqdm.std" and done.stderr == ""

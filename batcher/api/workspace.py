@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -41,9 +40,10 @@ def scratch_folder() -> Iterator[Path]:
 class _SessionFolders:
     """Working folders of calls made without ``checkpoint=``.
 
-    A call's folder is named after what it sends, so an interrupted call
-    leaves its journal where the same call, made again, finds it. A folder
-    is removed when its call succeeds, and all of them at interpreter exit.
+    A call's folder is named after what it sends, so the same call, made
+    again (a notebook cell run twice, or after an interrupt), finds the
+    journal of the first and sends only what it lacks: nothing, once the
+    first succeeded. The folders are removed at interpreter exit.
     """
 
     def __init__(self) -> None:
@@ -64,16 +64,12 @@ class _SessionFolders:
                 yield folder
             return
         path = root / key
-        succeeded = False
         try:
             path.mkdir(parents=True, exist_ok=True)
             yield path
-            succeeded = True
         finally:
             with self._lock:
                 self._busy.discard(key)
-            if succeeded:
-                shutil.rmtree(path, ignore_errors=True)
 
 
 SESSION = _SessionFolders()
