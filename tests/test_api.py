@@ -315,9 +315,10 @@ def test_without_a_checkpoint_an_interrupted_call_resumes_in_this_session(
     assert set(out["status"]) == {"ok"}
     assert sent(server) == dict.fromkeys(reviews(30)["text"], 1)
     assert out.attrs["batcher"]["from_checkpoint"] == done_first
-    # Once it succeeded, the session copy is gone: the same call starts over.
-    batcher.run_dataframe(reviews(30), **settings)
-    assert server.stats.snapshot()["requests_total"] == 60
+    # Once it succeeded, the same call (a cell run twice) sends nothing again (issue 12).
+    again = batcher.run_dataframe(reviews(30), **settings)
+    assert list(again["reply"]) == list(out["reply"])
+    assert server.stats.snapshot()["requests_total"] == 30
 
 
 def test_run_a_job_file_a_job_dict_and_the_async_twin(
