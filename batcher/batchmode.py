@@ -54,7 +54,7 @@ from batcher.errors import ApiError, CheckpointError, Interrupted, OutputError, 
 from batcher.finish import write_results_file
 from batcher.pipeline import Sender, row_request
 from batcher.preflight import Prepared
-from batcher.progress import RunStats
+from batcher.progress import INPUT_ERROR_CLASS, RunStats
 from batcher.records import RowResult
 from batcher.redact import Redactor
 from batcher.retry import RetryPolicy
@@ -339,7 +339,8 @@ class BatchRun:
                     continue
                 request = row_request(row, job)
                 if isinstance(request, RowResult):
-                    self._record(row.position, request)
+                    # The input's fault: counted, never journaled (see batcher.finish).
+                    self.stats.record(row.position, request, INPUT_ERROR_CLASS)
                     continue
                 body = request.body
                 key = custom_id(row.position, body)
@@ -557,7 +558,7 @@ class BatchRun:
 
     def _record(self, position: int, result: RowResult) -> None:
         self._checkpoint.append(position, result)
-        self.stats.record(result)
+        self.stats.record(position, result, "a failed batch line")
 
     # -- finish -----------------------------------------------------------------------------
 
@@ -583,7 +584,8 @@ class BatchRun:
             stats.batch_tokens = self.stats.batch_tokens
             return report
         written = write_results_file(prepared, self._checkpoint)
-        return RunReport(self.stats, written.rows, written.failed_rows, written.path)
+        return RunReport(self.stats, written.rows, written.failed_rows, written.path,
+                         results_rewritten=written.rewritten)
 
     def _come_back_message(self) -> str:
         shards = self._state.open_shards()

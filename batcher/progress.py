@@ -52,13 +52,14 @@ class RunStats:
 
     def record(self, position: int, result: RowResult, error_class: str | None = None) -> None:
         """Count one finished row; ``error_class`` groups failures for the summary
-        (the failure's signature, or ``input`` for a row that could not be sent)."""
+        (the failure's signature, or ``INPUT_ERROR_CLASS`` for a row that could not
+        be sent)."""
         if result.ok:
             self.ok += 1
             self.truncated += result.finish_reason == "length"
         else:
             self.errors += 1
-            name = error_class or INPUT_ERROR_CLASS
+            name = error_class or "an unclassified error"
             known = self.error_classes.get(name)
             if known is None:
                 self.error_classes[name] = ErrorClass(1, position, result.error or "")

@@ -36,7 +36,7 @@ from batcher.finish import write_results_file
 from batcher.limits import Clock, RateLimiter, Sleep
 from batcher.pipeline import RowRequest, Sender, Sending, attempt_row, row_request
 from batcher.preflight import Prepared, prepare
-from batcher.progress import Progress, RunStats
+from batcher.progress import INPUT_ERROR_CLASS, Progress, RunStats
 from batcher.records import RowResult
 from batcher.retry import FailureStreak
 
@@ -160,7 +160,7 @@ class Run:
         finally:
             self._progress.close()
         return RunReport(self.stats, written.rows, written.failed_rows, written.path,
-                         written.rewritten)
+                         results_rewritten=written.rewritten)
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop sending new requests; a second request cancels in-flight ones too."""
@@ -236,7 +236,7 @@ class Run:
             if isinstance(request, RowResult):
                 # The input's fault: reported, never journaled (see batcher.finish).
                 assert self._progress is not None
-                self._progress.update(row.position, request)
+                self._progress.update(row.position, request, INPUT_ERROR_CLASS)
             else:
                 await queue.put(request)
         for _ in range(workers):
