@@ -26,6 +26,7 @@ import orjson
 
 from batcher.errors import CheckpointError, OutputError
 from batcher.records import STATUS_OK, RowResult
+from batcher.safefiles import make_private, open_private
 
 FORMAT_VERSION = 1
 _STATE_NONE, _STATE_OK, _STATE_ERROR = 0, 1, 2
@@ -38,6 +39,7 @@ _STATUS_OK = np.frombuffer(b',"status":"ok",', dtype=np.uint8)
 _STATUS_ERROR = np.frombuffer(b',"status":"erro', dtype=np.uint8)
 _MAX_DIGITS = 18
 _HEAD_WINDOW = 48  # bytes of each line's head that hold the position and status
+_MAX_HEADER = 4096  # a header is ~100 bytes; a longer first line is some other file
 
 
 class Checkpoint:
@@ -48,11 +50,8 @@ class Checkpoint:
         self.fingerprint = fingerprint
         self._lock_fd = _acquire_lock(path)
         try:
-            if fresh:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
             self._index = _RowIndex()
-            self._fd = self._open()
+            self._fd = self._open(fresh)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -135,18 +134,17 @@ class Checkpoint:
 
     # -- opening ----------------------------------------------------------------------------
 
-    def _open(self) -> int:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot open the checkpoint ({exc.strerror})"
-                              ) from None
+    def _open(self, fresh: bool) -> int:
+        fd = open_private(self.path, "checkpoint")
         try:
             if _holds_no_rows(fd):
                 self._write_header(fd)
+            elif fresh:  # start over, but only ever over a checkpoint, never a data file
+                self._read_header(fd)
+                self._write_header(fd)
             else:
                 self._load(fd)
+            make_private(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -165,11 +163,11 @@ class Checkpoint:
             raise OutputError(f"{self.path}: cannot write the checkpoint (disk full?)")
 
     def _load(self, fd: int) -> None:
-        header_line = _read_first_line(fd)
-        if header_line is None:
-            raise CheckpointError(f"{self.path}: not a batcher checkpoint "
-                                  "(run with --fresh to replace it)")
-        self._check_header(header_line)
+        header_line, header = self._read_header(fd)
+        if header.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"{self.path}: the checkpoint was made by a different job (the input, model, "
+                "prompt or params changed); run with --fresh to discard it and start over")
         offset = len(header_line) + 1
         pending = b""
         while chunk := os.pread(fd, _READ_CHUNK, offset + len(pending)):
@@ -226,18 +224,19 @@ class Checkpoint:
         raise CheckpointError(f"{self.path}: corrupt line at byte {base + start} "
                               "(run with --fresh to start over)")
 
-    def _check_header(self, line: bytes) -> None:
-        try:
-            header = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            header = None
-        if not isinstance(header, dict) or header.get("batcher_checkpoint") != FORMAT_VERSION:
-            raise CheckpointError(f"{self.path}: not a batcher checkpoint "
-                                  "(run with --fresh to replace it)")
-        if header.get("fingerprint") != self.fingerprint:
+    def _read_header(self, fd: int) -> tuple[bytes, dict[str, Any]]:
+        """The first line and its header; a file that is no checkpoint is never touched."""
+        line = _read_first_line(fd, _MAX_HEADER)
+        header: Any = None
+        if line is not None and line.startswith(_HEADER_PREFIX):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                header = orjson.loads(line)
+        if line is None or not isinstance(header, dict) \
+                or header.get("batcher_checkpoint") != FORMAT_VERSION:
             raise CheckpointError(
-                f"{self.path}: the checkpoint was made by a different job (the input, model, "
-                "prompt or params changed); run with --fresh to discard it and start over")
+                f"{self.path}: not a batcher checkpoint, so batcher will not overwrite it "
+                "(not even with --fresh); move it away or point output.checkpoint elsewhere")
+        return line, header
 
 
 class _RowIndex:
@@ -313,24 +312,26 @@ def _holds_no_rows(fd: int) -> bool:
     return _HEADER_PREFIX.startswith(head[: len(_HEADER_PREFIX)])
 
 
-def _read_first_line(fd: int) -> bytes | None:
+def _read_first_line(fd: int, limit: int) -> bytes | None:
+    """The first line, or None when there is none within ``limit`` bytes."""
     data = b""
     while b"\n" not in data:
         chunk = os.pread(fd, 4096, len(data))
-        if not chunk:
+        if not chunk or len(data) > limit:
             return None
         data += chunk
     return data[: data.index(b"\n")]
 
 
+def lock_path_for(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
 def _acquire_lock(path: Path) -> int:
-    lock_path = path.with_name(path.name + ".lock")
+    lock_path = lock_path_for(path)
+    fd = open_private(lock_path, "lock file")
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise OutputError(f"{lock_path}: cannot create the lock file ({exc.strerror})") from None
-    try:
+        make_private(fd)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)

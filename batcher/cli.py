@@ -22,7 +22,7 @@ from batcher.config import load_job
 from batcher.errors import BatcherError
 from batcher.jobs import SIMULATED_NOTICE
 from batcher.mock_server import MockConfig, serve_forever
-from batcher.preflight import prepare
+from batcher.redact import printable
 from batcher.runner import RunOptions
 from batcher.summary import Summary
 
@@ -31,11 +31,17 @@ JOB_ARGUMENT = click.argument("job_file", metavar="JOB.yaml",
                               type=click.Path(path_type=Path, dir_okay=False))
 
 
+def _say(text: str, err: bool = False) -> None:
+    """Every line the command prints, with terminal controls stripped (a server's
+    error text must not retitle or clear the user's terminal)."""
+    click.echo(printable(text), err=err)
+
+
 def _report_errors(action: Callable[[], T]) -> T:
     try:
         return action()
     except BatcherError as error:
-        click.echo(f"batcher: error: {error}", err=True)
+        _say(f"batcher: error: {error}", err=True)
         sys.exit(error.exit_code)
 
 
@@ -73,25 +79,25 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
     job = _report_errors(lambda: load_job(job_file))
     if estimate_only:
         figures = _report_errors(lambda: jobs.dry_run(job, limit, fresh=fresh))
-        click.echo(f"{job_file}: dry run, nothing sent: {figures.describe(job.model)}")
+        _say(f"{job_file}: dry run, nothing sent: {figures.describe(job.model)}")
         return
     if job.endpoint.mock is not None:
-        click.echo(f"batcher: {SIMULATED_NOTICE}", err=True)
+        _say(f"batcher: {SIMULATED_NOTICE}", err=True)
     options = RunOptions(fresh=fresh, limit=limit, progress=not quiet, wait=wait)
     started = time.monotonic()
     report = _report_errors(lambda: asyncio.run(jobs.arun_job(job, options)))
     if report.pending is not None:
-        click.echo(f"submitted: {report.pending}")
+        _say(f"submitted: {report.pending}")
         return
     for line in Summary.of(job, report, time.monotonic() - started).lines():
-        click.echo(f"batcher: {line}", err=True)
+        _say(f"batcher: {line}", err=True)
     state = "complete" if not report.failed_rows else (
         f"{report.failed_rows} row{'s' if report.failed_rows != 1 else ''} failed")
     if not report.results_rewritten:
         state += ", already up to date"
     elif job.output is not None and report.results_path != job.output.path:
         state += f", a sample of the first {limit} rows; {job.output.path} is left as it was"
-    click.echo(f"results: {report.results_path} ({report.rows} rows, {state})")
+    _say(f"results: {report.results_path} ({report.rows} rows, {state})")
     sys.exit(report.exit_code)
 
 
@@ -102,10 +108,8 @@ def validate(job_file: Path) -> None:
 
     def check() -> None:
         job = load_job(job_file)
-        prepared = prepare(job)
-        if job.output is not None:
-            jobs.check_output_folder(job.output.path.parent)
-        click.echo(f"{job_file}: ok ({prepared.rows} rows in {job.input.path.name})")
+        prepared = jobs.check_job(job)
+        _say(f"{job_file}: ok ({prepared.rows} rows in {job.input.path.name})")
 
     _report_errors(check)
 
@@ -130,7 +134,7 @@ def mock_server(port: int, latency_s: float, api_key_env: str | None, rpm: int |
     if api_key_env:
         key = os.environ.get(api_key_env)
         if not key:
-            click.echo(f"batcher: error: --api-key-env: environment variable {api_key_env} "
+            _say(f"batcher: error: --api-key-env: environment variable {api_key_env} "
                        "is not set", err=True)
             sys.exit(2)
     try:
@@ -138,5 +142,5 @@ def mock_server(port: int, latency_s: float, api_key_env: str | None, rpm: int |
                                  requests_per_minute=rpm, tokens_per_minute=tpm,
                                  window_s=window_s, batch_phase_s=batch_phase_s))
     except (ValueError, OSError) as error:  # a bad flag combination, or the port is taken
-        click.echo(f"batcher: error: mock-server: {error}", err=True)
+        _say(f"batcher: error: mock-server: {error}", err=True)
         sys.exit(2)

@@ -26,15 +26,21 @@ from batcher.wire import Completion, classify_error, one_line, parse_completion
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where requests go and what they carry; ``headers`` may hold the key."""
+    """Where requests go and what they carry; ``headers`` may hold the key.
+
+    ``proxy`` is the proxy URL from the environment (looked up once, when the
+    endpoint is resolved), or None.
+    """
 
     url: str
     headers: dict[str, str]
     timeout_s: float
+    max_response_bytes: int
     base_url: str = ""
     """The API root (``https://api.openai.com/v1``): files and batches live under it."""
     query: dict[str, str] = field(default_factory=dict)
     """Query parameters every request carries (a key sent as ``auth.query``)."""
+    proxy: str | None = None
 
     def resource(self, path: str, **params: str) -> str:
         """The URL of ``path`` under the API root, with the endpoint's query parameters."""
@@ -58,20 +64,21 @@ class ChatClient:
         self._redactor = redactor
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
-        self._proxy: str | None = None
+        # Sent with each request, never as session defaults: aiohttp copies a session's
+        # default headers into the CONNECT it sends an HTTPS proxy (Authorization as
+        # Proxy-Authorization, any other header as it is), and the key is for the origin only.
+        self._headers = {"Content-Type": "application/json", **endpoint.headers}
 
     async def __aenter__(self) -> Self:
         connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300,
                                          enable_cleanup_closed=True)
-        # Proxies from the environment are looked up once here, not per request:
+        # Proxies from the environment are looked up once (Endpoint.proxy), not per request:
         # aiohttp's trust_env would consult the environment and ~/.netrc through the
         # thread pool on every request (a third of the client's CPU at full speed),
         # and netrc credentials would clash with the key's Authorization header.
-        self._proxy = proxy_for(self._endpoint.url)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self._endpoint.timeout_s),
-            headers=self._endpoint.headers,
             raise_for_status=False,
             trust_env=False,
         )
@@ -93,7 +100,7 @@ class ChatClient:
 
     @property
     def proxy(self) -> str | None:
-        return self._proxy
+        return self._endpoint.proxy
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -107,25 +114,26 @@ class ChatClient:
         try:
             # No redirects: aiohttp drops only Authorization on a cross-host redirect,
             # so a key in api-key or X-Api-Key would follow it to another host.
-            async with self._session.post(self._endpoint.url, data=body, proxy=self._proxy,
-                                          headers=_JSON, allow_redirects=False) as response:
-                payload = await response.read()
+            async with self._session.post(self._endpoint.url, data=body, headers=self._headers,
+                                          proxy=self._endpoint.proxy,
+                                          allow_redirects=False) as response:
+                payload = await self._read_capped(response)
                 status = response.status
                 headers = {key.lower(): value for key, value in response.headers.items()}
         except TimeoutError:
             raise ApiError(Verdict.RETRY, f"request timed out after {self._endpoint.timeout_s:g} s"
                            ) from None
         except aiohttp.ClientError as exc:
-            reason = self._redactor.clean(one_line(str(exc) or exc.__class__.__name__))
+            reason = one_line(self._redactor.clean(str(exc) or exc.__class__.__name__))
             raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
         except ValueError as exc:  # yarl/aiohttp reject the URL or a proxy URL from the env
-            reason = self._redactor.clean(one_line(str(exc)))
+            reason = one_line(self._redactor.clean(str(exc)))
             raise ConfigError(f"cannot build the request (check endpoint.base_url and the "
                               f"HTTP_PROXY/HTTPS_PROXY variables): {reason}") from None
         latency = time.perf_counter() - started
         try:
             if status != 200:
-                error = classify_error(status, payload, headers)
+                error = classify_error(status, payload, headers, clean=self._redactor.clean)
                 if status == 404 and error.code is None:
                     # No error code (OpenAI's "Invalid URL", a framework's "Not Found"):
                     # no such route, so the URL is wrong for every row alike. A 404 with
@@ -137,6 +145,27 @@ class ChatClient:
         except ApiError as error:
             error.message = self._redactor.clean(error.message)
             raise
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        """The body, read no further than ``max_response_bytes``: a runaway reply is a
+        row error, not a run's worth of memory."""
+        limit = self._endpoint.max_response_bytes
+        declared = response.content_length
+        if declared is None or declared <= limit:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    break
+                chunks.append(chunk)
+            else:
+                return b"".join(chunks)
+        response.close()  # the rest is never read: drop the connection
+        raise ApiError(Verdict.ROW_ERROR,
+                       f"HTTP {response.status}: the response body is larger than "
+                       f"endpoint.max_response_bytes ({limit:,} bytes); it was not read",
+                       status=response.status)
 
 
 _JSON = {"Content-Type": "application/json"}
@@ -205,7 +234,9 @@ class BatchClient:
                    if transfer else aiohttp.ClientTimeout(total=timeout_s))
         url = client.endpoint.resource(path, **(params or {}))
         try:
-            async with session.request(method, url, data=data, headers=headers,
+            # The key's headers per request, never as session defaults (see ChatClient).
+            async with session.request(method, url, data=data,
+                                       headers={**client.endpoint.headers, **(headers or {})},
                                        proxy=client.proxy, timeout=timeout,
                                        allow_redirects=False) as response:
                 status = response.status
@@ -220,11 +251,12 @@ class BatchClient:
             raise ApiError(Verdict.RETRY, f"{method} {path} timed out after {timeout_s:g} s"
                            ) from None
         except aiohttp.ClientError as exc:
-            reason = client.redactor.clean(one_line(str(exc) or exc.__class__.__name__))
+            reason = one_line(client.redactor.clean(str(exc) or exc.__class__.__name__))
             raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
         try:
             if status != 200:
-                raise classify_error(status, payload, response_headers)
+                raise classify_error(status, payload, response_headers,
+                                     clean=client.redactor.clean)
             try:
                 parsed = orjson.loads(payload)
             except orjson.JSONDecodeError:

@@ -130,6 +130,9 @@ class EndpointSpec(_Spec):
     headers: dict[str, str] = Field(default_factory=dict)
     azure: AzureSpec | None = None
     timeout_s: PositiveFloat = 120.0
+    # 8 MiB: 16 times the text of a 128k-token reply, yet 32 connections at the cap
+    # hold no more than 256 MiB. Jobs asking for n > 1 or many logprobs may raise it.
+    max_response_bytes: PositiveInt = 8 << 20
     allow_insecure_http: bool = False
     mock: MockSpec | None = None
 
@@ -195,6 +198,9 @@ class BatchSpec(_Spec):
 class OutputSpec(_Spec):
     path: Path
     checkpoint: Path | None = None
+    # Prefix CSV cells starting with = + - @ (or tab, CR) with ' so a spreadsheet shows
+    # them as text instead of running them as formulas. Off by default: see the README.
+    csv_escape_formulas: bool = False
 
     @model_validator(mode="after")
     def _known_format(self) -> OutputSpec:
@@ -247,6 +253,9 @@ class Job(_Spec):
         return None
 
 
+_MAX_FORMAT_WIDTH = 10_000
+
+
 def template_fields(template: str) -> list[str]:
     """The column names a ``{column}`` template reads, in order, without repeats."""
     names: list[str] = []
@@ -254,11 +263,16 @@ def template_fields(template: str) -> list[str]:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ValueError(f"template: {exc} (write a literal brace as {{{{ or }}}})") from None
-    for _literal, name, _spec, _conversion in parsed:
+    for _literal, name, spec, _conversion in parsed:
         if name is None:
             continue
         if not name or not re.fullmatch(r"[^.\[\]]+", name):
             raise ValueError(f"template: {{{name}}} must name a column, like {{body}}")
+        if spec and ("{" in spec or any(int(digits) > _MAX_FORMAT_WIDTH
+                                        for digits in re.findall(r"\d+", spec))):
+            # {text:>1000000000000} would pad every prompt to a terabyte (or fail trying).
+            raise ValueError(f"template: {{{name}:{spec}}}: a format spec may not nest fields "
+                             f"or ask for a width or precision above {_MAX_FORMAT_WIDTH:,}")
         if name not in names:
             names.append(name)
     return names
@@ -278,6 +292,8 @@ def load_job(path: Path, *, require_output: bool = True) -> Job:
         raise ConfigError(f"{path}: job file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read job file ({exc.__class__.__name__})") from None
+    except ValueError:  # a NUL byte in the path
+        raise ConfigError(f"{path!r}: the job file's path contains a NUL byte") from None
     try:
         data = yaml.safe_load(text)
     except RecursionError:
@@ -299,8 +315,9 @@ def load_job(path: Path, *, require_output: bool = True) -> Job:
 def job_from_dict(data: dict[str, Any], *, base_dir: Path, source: str,
                   require_output: bool) -> Job:
     """Validate a job given as plain data (from YAML or from the Python API)."""
+    _refuse_oversized(data, source)
     refuse_literal_secrets(data, source)
-    data = _resolve_paths(data, base_dir)
+    data = _resolve_paths(data, base_dir, source)
     try:
         job = Job.model_validate(data)
     except ValidationError as exc:
@@ -308,6 +325,45 @@ def job_from_dict(data: dict[str, Any], *, base_dir: Path, source: str,
     if require_output and job.output is None:
         raise ConfigError(f"{source}: output: is required (output.path: where results go)")
     return job
+
+
+MAX_JOB_VALUES = 100_000
+"""A job file is a few dozen values; YAML aliases (``*name``) can make a small file
+stand for billions (an alias bomb), which every walk over the data would expand."""
+
+
+def _refuse_oversized(data: Any, source: str) -> None:
+    """Count the values ``data`` stands for, each shared container once (linear in
+    the file, however its aliases nest), and refuse a job too big or self-referring."""
+    sizes: dict[int, int] = {}
+    pending: set[int] = set()
+
+    def size(value: Any) -> int:
+        if not isinstance(value, dict | list):
+            return 1
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        if key in pending:
+            raise ConfigError(f"{source}: a YAML alias refers to itself; a job file cannot "
+                              "contain itself")
+        pending.add(key)
+        children = value.values() if isinstance(value, dict) else value
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_JOB_VALUES:
+                raise ConfigError(f"{source}: the job stands for more than "
+                                  f"{MAX_JOB_VALUES:,} values once its YAML aliases (*name) "
+                                  "are expanded; a job file is a few dozen")
+        pending.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        size(data)
+    except RecursionError:
+        raise ConfigError(f"{source}: the job is nested too deeply to be a job") from None
 
 
 def refuse_literal_secrets(data: Any, source: str) -> None:
@@ -356,7 +412,7 @@ def _walk(data: Any, prefix: str) -> Iterator[tuple[str, str, Any]]:
             yield from _walk(value, f"{prefix}[{index}]")
 
 
-def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+def _resolve_paths(data: dict[str, Any], base_dir: Path, source: str) -> dict[str, Any]:
     resolved = dict(data)
     for section, keys in (("input", ("path",)), ("output", ("path", "checkpoint"))):
         block = resolved.get(section)
@@ -365,6 +421,8 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         block = dict(block)
         for key in keys:
             value = block.get(key)
+            if isinstance(value, str | Path) and "\x00" in str(value):
+                raise ConfigError(f"{source}: {section}.{key}: the path contains a NUL byte")
             if isinstance(value, str) and value:
                 block[key] = (base_dir / Path(value).expanduser()).resolve()
             elif value is not None and not isinstance(value, Path):

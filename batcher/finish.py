@@ -70,7 +70,10 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
             yield attach_results(typed, records, schema)
             position += batch.num_rows
 
-    rows = write_results(path, schema, batches())
+    output = prepared.job.output
+    assert output is not None
+    rows = write_results(path, schema, batches(),
+                         csv_escape_formulas=output.csv_escape_formulas)
     checkpoint.sync()
     _write_stamp(stamp_path, {**stamp, **_file_identity(path)})
     return Written(path, rows, failed)

@@ -11,22 +11,23 @@ from dataclasses import replace
 from pathlib import Path
 
 from batcher.batchmode import BatchRun, describe_plan, forget_state, plan_shards
-from batcher.checkpoint import Checkpoint
+from batcher.checkpoint import Checkpoint, lock_path_for
 from batcher.client import ChatClient, Endpoint
 from batcher.config import Job
 from batcher.endpoints import resolve_endpoint
 from batcher.errors import CheckpointError, OutputError
 from batcher.mock_server import MockConfig, MockServer
 from batcher.preflight import Estimate, Prepared, estimate, prepare
-from batcher.redact import Redactor
+from batcher.redact import Redactor, printable
 from batcher.runner import Run, RunOptions, RunReport, Runtime
+from batcher.safefiles import check_path
 
 SIMULATED_NOTICE = ("using batcher's built-in mock server (endpoint.mock): replies are simulated, "
                     "no real model is called")
 
 
 def _to_stderr(message: str) -> None:
-    print(f"batcher: {message}", file=sys.stderr, flush=True)
+    print(printable(f"batcher: {message}"), file=sys.stderr, flush=True)
 
 
 async def arun_job(job: Job, options: RunOptions | None = None, *,
@@ -40,9 +41,8 @@ async def arun_job(job: Job, options: RunOptions | None = None, *,
     step of the batch cycle.
     """
     options = options or RunOptions()
-    prepared = prepare(job, options.limit, allow_empty=options.allow_empty_input)
+    prepared = check_job(job, options.limit, environ, allow_empty=options.allow_empty_input)
     assert job.output is not None
-    check_writable(job.output.path.parent)
     with endpoint_for(job, environ) as (endpoint, redactor), Checkpoint(
         job.output.checkpoint_path, prepared.fingerprint, fresh=options.fresh
     ) as checkpoint:
@@ -64,9 +64,7 @@ def dry_run(job: Job, limit: int | None = None,
             environ: Mapping[str, str] | None = None, *, fresh: bool = False) -> Estimate:
     """Check the job, its input and its endpoint settings; estimate without sending
     (with ``fresh``, as if the checkpoint were discarded)."""
-    prepared: Prepared = prepare(job, limit)
-    if job.endpoint.mock is None:
-        resolve_endpoint(job.endpoint, environ=environ)  # a missing key is exit 2 here too
+    prepared = check_job(job, limit, environ)
     checkpoint_path = job.output.checkpoint_path if job.output else None
     if checkpoint_path is not None and checkpoint_path.exists() and not fresh:
         try:
@@ -85,6 +83,24 @@ def _with_batch_plan(figures: Estimate, prepared: Prepared,
         return figures
     plan = plan_shards(prepared, checkpoint)
     return replace(figures, batch=describe_plan(plan, figures.cost_usd, job.model))
+
+
+def check_job(job: Job, limit: int | None = None, environ: Mapping[str, str] | None = None,
+              *, allow_empty: bool = False) -> Prepared:
+    """Everything ``run`` checks before it sends a byte, in one place, so ``validate``
+    and ``--dry-run`` pass exactly the jobs ``run`` would start: the input and its
+    columns, the key's variable, where the key may travel (plain http, proxies), and
+    the results, checkpoint and lock paths. Raises a ``BatcherError`` (exit 2)."""
+    prepared = prepare(job, limit, allow_empty=allow_empty)
+    if job.endpoint.mock is None:
+        resolve_endpoint(job.endpoint, environ=environ)
+    if job.output is not None:
+        check_writable(job.output.path.parent)
+        checkpoint = job.output.checkpoint_path
+        check_path(job.output.path, "results file", private=False)
+        check_path(checkpoint, "checkpoint", private=True)
+        check_path(lock_path_for(checkpoint), "lock file", private=True)
+    return prepared
 
 
 @contextlib.contextmanager
@@ -113,13 +129,13 @@ def check_output_folder(folder: Path) -> None:
 
 
 def check_writable(folder: Path) -> None:
-    """Fail before sending anything when the results could not be written."""
+    """Fail before sending anything when the results could not be written (nothing is
+    created: a folder still to be made is checked at the nearest one that exists)."""
     check_output_folder(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot write results there ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{folder}: cannot write results there (permission denied)")
+    if folder.is_dir():
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise OutputError(f"{folder}: cannot write results there ({exc.strerror})"
+                              ) from None

@@ -2,7 +2,8 @@
 
 Rows go to a temporary file in the destination folder, which is renamed
 over the destination only once complete, so a reader never sees a half
-written file and a crash never leaves one behind.
+written file and a crash never leaves one behind. The file gets the mode
+the user's umask gives a new file, or the mode of the file it replaces.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import csv
 import glob
 import io
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -25,6 +27,10 @@ import pyarrow.parquet as pq
 
 from batcher.errors import OutputError
 from batcher.records import FLOAT_COLUMNS, INTEGER_COLUMNS, RESULT_COLUMNS, RowResult
+from batcher.safefiles import check_path
+
+# OWASP's list for CSV injection: what a spreadsheet may take as the start of a formula.
+_FORMULA_START = r"^([=+\-@\t\r])"
 
 
 def result_fields() -> list[pa.Field]:
@@ -131,32 +137,47 @@ class _JsonlWriter:
         self._handle.flush()
 
 
-def write_results(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
+def escape_formulas(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Text cells that a spreadsheet would run as a formula, prefixed with ``'``."""
+    columns = [
+        pc.replace_substring_regex(column, pattern=_FORMULA_START, replacement="'\\1")
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) else column
+        for column in batch.columns
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+
+
+def write_results(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *,
+                  csv_escape_formulas: bool = False) -> int:
     """Stream ``batches`` into ``path`` atomically; returns the number of rows written.
 
     The caller holds the job's lock, so temporary files of this name are
     leftovers of a run killed mid-write and are removed first.
     """
+    check_path(path, "results file", private=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             stale.unlink(missing_ok=True)
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed on success
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        # 0o666 less the umask, as any new file; O_EXCL|O_NOFOLLOW: never a planted file.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o666)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write results ({exc.strerror})") from None
-    temp = Path(handle.name)
+    escape = csv_escape_formulas and path.suffix.lower() == ".csv"
     rows = 0
     try:
-        with handle:
+        with os.fdopen(fd, "wb") as handle:
             writer = _open_writer(path.suffix.lower(), handle, schema)
             for batch in batches:
-                writer.write(batch)
+                writer.write(escape_formulas(batch) if escape else batch)
                 rows += batch.num_rows
             writer.close()
             handle.flush()
+            with contextlib.suppress(FileNotFoundError):  # keep the replaced file's mode
+                os.fchmod(handle.fileno(), stat.S_IMODE(path.stat().st_mode))
             os.fsync(handle.fileno())
-        temp.chmod(0o644)
         temp.replace(path)
     except OSError as exc:
         with contextlib.suppress(OSError):

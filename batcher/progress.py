@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from batcher.records import RowResult
+from batcher.redact import printable
 
 # A share of truncated replies worth a warning: below it, a few long answers.
 TRUNCATION_WARNING_SHARE = 0.05
@@ -170,7 +171,7 @@ class Progress:
     def _log(self, text: str) -> None:
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
         job = f" {self._label}:" if self._label else ""
-        print(f"{stamp} batcher{job} {text}", file=self._stream, flush=True)
+        print(printable(f"{stamp} batcher{job} {text}"), file=self._stream, flush=True)
 
 
 def _duration(seconds: float) -> str:

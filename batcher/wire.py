@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -90,15 +90,19 @@ def parse_completion(body: bytes) -> Completion:
 
 
 def classify_error(status: int, body: bytes, headers: Mapping[str, str],
-                   *, now: float | None = None) -> ApiError:
-    """Decide what a non-200 response means for its row and for the run."""
+                   *, now: float | None = None, clean: Callable[[str], str] = str) -> ApiError:
+    """Decide what a non-200 response means for its row and for the run.
+
+    ``clean`` scrubs secrets from the server's text before it is cut to length
+    (a key cut in half would no longer be recognised).
+    """
     try:
         data: Any = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         data = None
-    error = describe_error(status, data)
+    error = describe_error(status, data, clean=clean)
     if 300 <= status < 400:
-        target = headers.get("location", "elsewhere")
+        target = one_line(clean(headers.get("location", "elsewhere")))
         error.message = (f"HTTP {status}: the server redirects to {target}; batcher does not "
                          "follow redirects (set endpoint.base_url to the final URL)")
     elif data is None and body:
@@ -117,7 +121,7 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str],
     return error
 
 
-def describe_error(status: int, data: Any) -> ApiError:
+def describe_error(status: int, data: Any, *, clean: Callable[[str], str] = str) -> ApiError:
     """Pull message, code and type out of any of the error shapes servers send."""
     detail: Any = data
     if isinstance(data, dict):
@@ -135,7 +139,7 @@ def describe_error(status: int, data: Any) -> ApiError:
         message = data.get("detail") or data.get("message")
     label = " ".join(str(part) for part in (code, kind) if part not in (None, ""))
     prefix = f"HTTP {status}" + (f" {label}" if label else "")
-    text = one_line(str(message)) if message not in (None, "") else "no error message"
+    text = one_line(clean(str(message))) if message not in (None, "") else "no error message"
     return ApiError(
         Verdict.RETRY,
         f"{prefix}: {text}",

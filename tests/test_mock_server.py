@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from batcher.mock_server import FaultRule, MockConfig, MockServer, reply_for
 from batcher.mock_server.calls import parse_call
 from batcher.mock_server.ratelimit import RateLimiter, go_duration
+from batcher.mock_server.stats import PRESENT
 
 # A warning raised in the server thread (unclosed session, unawaited task...) fails the test.
 pytestmark = pytest.mark.filterwarnings("error")
@@ -670,7 +671,7 @@ def test_azure_deployment_route() -> None:
         stats = server.stats.snapshot()
         path = "/openai/deployments/my-deployment/chat/completions?api-version=2024-10-21"
         assert stats["paths_seen"][-1] == path
-        assert stats["headers_seen"][-1]["api-key"] == KEY
+        assert stats["headers_seen"][-1]["api-key"] == PRESENT
 
         url = server.root_url + "/openai/deployments/my-deployment/chat/completions"
         resp = send(url, {"messages": [{"role": "user", "content": "x"}]}, headers={"api-key": KEY})
@@ -692,7 +693,7 @@ def test_stats_counters_and_endpoints() -> None:
         assert stats["by_status"] == {200: 4, 500: 1}
         assert stats["max_in_flight"] >= 2 and stats["in_flight"] == 0
         assert stats["prompts"]["c0"] == 1 and stats["ok_prompts"]["c0"] == 1
-        assert stats["headers_seen"][-1]["authorization"] == f"Bearer {KEY}"
+        assert stats["headers_seen"][-1]["authorization"] == f"Bearer {PRESENT}"
         assert stats["paths_seen"][-1] == "/v1/chat/completions"
 
         over_http = send(server.root_url + "/_mock/stats", method="GET").json()

@@ -22,12 +22,15 @@ from conftest import (
 
 from batcher.errors import RunAborted
 from batcher.mock_server import MockServer, reply_for
+from batcher.mock_server.stats import PRESENT
 
 
 @pytest.mark.parametrize(("auth", "where"), [
-    (None, ("authorization", f"Bearer {TEST_KEY}")),
-    ({"header": "api-key"}, ("api-key", TEST_KEY)),
-    ({"header": "X-Api-Key"}, ("x-api-key", TEST_KEY)),
+    # The mock requires TEST_KEY (a wrong one is a 401), and its stats keep only that
+    # a key was there.
+    (None, ("authorization", f"Bearer {PRESENT}")),
+    ({"header": "api-key"}, ("api-key", PRESENT)),
+    ({"header": "X-Api-Key"}, ("x-api-key", PRESENT)),
 ])
 def test_key_in_a_header(tmp_path: Path, make_mock: MakeMock, auth: dict[str, str] | None,
                          where: tuple[str, str]) -> None:
@@ -55,7 +58,7 @@ def test_key_as_query_parameter_is_redacted_everywhere(tmp_path: Path, make_mock
         server.base_url, source, tmp_path / "out.csv", endpoint={"auth": {"query": "api_key"}}))
     result = cli("run", str(job))
     assert result.returncode == 1, result.stderr
-    assert f"api_key={TEST_KEY}" in server.stats.snapshot()["paths_seen"][-1]
+    assert f"api_key={PRESENT}" in server.stats.snapshot()["paths_seen"][-1]
     # Unreachable server: the connection error names the URL, with the key masked.
     dead = write_job(tmp_path / "dead.yaml", job_dict(
         "http://127.0.0.1:9/v1", source, tmp_path / "dead.csv",
@@ -79,7 +82,7 @@ def test_azure_deployment_url_and_api_key_header(tmp_path: Path, make_mock: Make
     stats = server.stats.snapshot()
     assert stats["paths_seen"][-1] == (
         "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21")
-    assert stats["headers_seen"][-1]["api-key"] == TEST_KEY
+    assert stats["headers_seen"][-1]["api-key"] == PRESENT
 
 
 def test_azure_v1_url(tmp_path: Path, make_mock: MakeMock) -> None:

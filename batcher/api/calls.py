@@ -13,6 +13,7 @@ from batcher import jobs
 from batcher.api.bridge import current_control
 from batcher.config import Job
 from batcher.errors import ConfigError, Interrupted
+from batcher.redact import printable
 from batcher.runner import RunOptions, RunReport
 from batcher.summary import Summary
 
@@ -75,7 +76,7 @@ def summarize(job: Job, report: RunReport, started: float, run_options: RunOptio
     """The call's summary, shown on stderr unless progress is off."""
     summary = Summary.of(job, report, time.monotonic() - started)
     if run_options.progress:
-        print(f"batcher: {summary}", file=sys.stderr, flush=True)
+        print(printable(f"batcher: {summary}"), file=sys.stderr, flush=True)
     return summary
 
 

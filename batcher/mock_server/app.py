@@ -233,7 +233,7 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _stats(request: web.Request) -> web.Response:
-    return _json(200, request.app[STATE].stats.snapshot())
+    return _json(200, request.app[STATE].stats.public())
 
 
 async def _reset(request: web.Request) -> web.Response:

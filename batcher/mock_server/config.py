@@ -45,6 +45,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
         "content_filter",
         "length",
         "flex_429",
+        "huge",
     }
 )
 

@@ -28,6 +28,8 @@ from .responses import Reply, completion_body, dumps, error_body, invalid_key_bo
 
 _MARKER = re.compile(r"\[\[fault:([A-Za-z0-9_]+)(?:\*(\d+))?\]\]")
 _MARKER_PREFIX = "[[fault:"
+HUGE_REPLY_CHARS = 16 << 20
+"""The ``huge`` fault's reply: a runaway 16 MiB answer, for clients that cap bodies."""
 
 _SERVER_ERROR = "The server had an error while processing your request. Sorry about that!"
 _QUOTA = (
@@ -246,6 +248,10 @@ def render_fault(
             return Reply(200, body, completion=True)
         case "content_filter":
             body = completion_body(model, call.prompt_tokens, [None] * n, "content_filter")
+            return Reply(200, body, completion=True)
+        case "huge":
+            body = completion_body(model, call.prompt_tokens, ["x" * HUGE_REPLY_CHARS] * n,
+                                   "stop")
             return Reply(200, body, completion=True)
         case "length":
             half = text[: len(text) // 2]

@@ -12,9 +12,33 @@ import threading
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 HISTORY = 100
 """How many recent requests' headers and paths are kept."""
+
+PRESENT = "***"
+"""What the stats keep of a credential: only that one was there."""
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key",
+                                "cookie"})
+CREDENTIAL_PARAMS = frozenset({"api_key", "api-key", "apikey", "key", "token", "access_token",
+                               "sig", "signature"})
+
+
+def _without_secret(name: str, value: str) -> str:
+    if name not in CREDENTIAL_HEADERS:
+        return value
+    scheme, space, _ = value.partition(" ")
+    return f"{scheme} {PRESENT}" if space else PRESENT  # "Bearer ***" keeps the scheme
+
+
+def _path_without_secrets(path_qs: str) -> str:
+    parts = urlsplit(path_qs)
+    if not parts.query:
+        return path_qs
+    pairs = [(name, PRESENT if name.lower() in CREDENTIAL_PARAMS else value)
+             for name, value in parse_qsl(parts.query, keep_blank_values=True)]
+    return f"{parts.path}?{urlencode(pairs, safe='*')}"
 
 
 def _push(history: list[Any], item: Any) -> None:
@@ -34,7 +58,12 @@ class MockStats:
     * ``in_flight`` / ``max_in_flight``: concurrent API requests now / at peak.
     * ``counters``: events of the Files/Batches API, by name (see :meth:`count`).
     * ``headers_seen`` (names lower-cased) and ``paths_seen`` (with query
-      string): the last :data:`HISTORY` requests, oldest first.
+      string): the last :data:`HISTORY` requests, oldest first. Credentials are
+      never kept: a key header's value and a key parameter's value read
+      :data:`PRESENT` (``Bearer ***`` for a bearer token).
+
+    ``GET /_mock/stats`` answers the counters only (:meth:`public`): any local
+    user can reach it, so it shows no prompts, headers or paths.
     """
 
     def __init__(self) -> None:
@@ -57,13 +86,15 @@ class MockStats:
             self.counters[name] += 1
 
     def request_started(self, path_qs: str, headers: Mapping[str, str]) -> None:
-        seen = {name.lower(): value for name, value in headers.items()}
+        seen = {name.lower(): _without_secret(name.lower(), value)
+                for name, value in headers.items()}
+        path = _path_without_secrets(path_qs)
         with self._lock:
             self.requests_total += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             _push(self.headers_seen, seen)
-            _push(self.paths_seen, path_qs)
+            _push(self.paths_seen, path)
 
     def request_finished(self, status: int | None) -> None:
         """Record the end of a request; ``status`` None means the connection was dropped."""
@@ -95,17 +126,27 @@ class MockStats:
             self.paths_seen.clear()
             self.counters.clear()
 
+    def public(self) -> dict[str, Any]:
+        """The counters, without prompts, headers or paths: what ``/_mock/stats`` serves."""
+        with self._lock:
+            return self._counters()
+
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "requests_total": self.requests_total,
+            "by_status": dict(sorted(self.by_status.items())),
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "dropped": self.dropped,
+        }
+
     def snapshot(self) -> dict[str, Any]:
         """A consistent plain-dict copy (JSON-serialisable apart from int status keys)."""
         with self._lock:
             return {
-                "requests_total": self.requests_total,
-                "by_status": dict(sorted(self.by_status.items())),
+                **self._counters(),
                 "prompts": dict(self.prompts),
                 "ok_prompts": dict(self.ok_prompts),
-                "in_flight": self.in_flight,
-                "max_in_flight": self.max_in_flight,
-                "dropped": self.dropped,
                 "headers_seen": [dict(h) for h in self.headers_seen],
                 "paths_seen": list(self.paths_seen),
                 "counters": dict(self.counters),
