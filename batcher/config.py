@@ -424,7 +424,10 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path, source: str) -> dict[st
             if isinstance(value, str | Path) and "\x00" in str(value):
                 raise ConfigError(f"{source}: {section}.{key}: the path contains a NUL byte")
             if isinstance(value, str) and value:
-                block[key] = (base_dir / Path(value).expanduser()).resolve()
+                path = base_dir / Path(value).expanduser()
+                # What batcher writes keeps its own name: a link there is refused, not followed.
+                block[key] = (path.resolve() if section == "input"
+                              else path.parent.resolve() / path.name)
             elif value is not None and not isinstance(value, Path):
                 block[key] = value  # left for validation to reject with the key's name
         resolved[section] = block
