@@ -183,3 +183,18 @@ def echoing_server(servers: ServerThread, status: int, message: str = "") -> int
             writer.close()
 
     return servers.serve(handle)
+
+
+def not_http_server(servers: ServerThread) -> int:
+    """Answers every request with a line that is not HTTP: aiohttp's error for it
+    quotes the request URL, query string and all."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    return servers.serve(handle)

@@ -25,6 +25,7 @@ from security_servers import (
     LoggingProxy,
     ServerThread,
     echoing_server,
+    not_http_server,
     self_signed_certificate,
     tls_front,
 )
@@ -144,6 +145,18 @@ def test_2_a_url_echoed_percent_encoded_never_carries_the_key(
     assert result.exit_code == 1, result.output
     text = files_text(tmp_path)
     assert "you asked for" in text or "redirects to" in text
+    assert key_free(text, result.stdout, result.stderr)
+
+
+def test_2_an_aiohttp_error_quoting_the_url_never_carries_the_key(
+        tmp_path: Path, servers: ServerThread) -> None:
+    port = not_http_server(servers)
+    job = job_file(tmp_path, f"http://127.0.0.1:{port}/v1",
+                   endpoint={"auth": {"query": "api_key"}}, retry={"max_attempts": 1})
+    result = cli("run", "-q", str(job))
+    assert result.exit_code == 1, result.output
+    text = files_text(tmp_path)
+    assert "connection error" in text and "api_key=***" in text  # the URL is there, masked
     assert key_free(text, result.stdout, result.stderr)
 
 
