@@ -140,7 +140,7 @@ class Checkpoint:
             if _holds_no_rows(fd):
                 self._write_header(fd)
             elif fresh:  # start over, but only ever over a checkpoint, never a data file
-                self._read_header(fd)
+                _read_header(fd, self.path)
                 self._write_header(fd)
             else:
                 self._load(fd)
@@ -163,11 +163,8 @@ class Checkpoint:
             raise OutputError(f"{self.path}: cannot write the checkpoint (disk full?)")
 
     def _load(self, fd: int) -> None:
-        header_line, header = self._read_header(fd)
-        if header.get("fingerprint") != self.fingerprint:
-            raise CheckpointError(
-                f"{self.path}: the checkpoint was made by a different job (the input, model, "
-                "prompt or params changed); run with --fresh to discard it and start over")
+        header_line, header = _read_header(fd, self.path)
+        _check_fingerprint(header, self.fingerprint, self.path)
         offset = len(header_line) + 1
         pending = b""
         while chunk := os.pread(fd, _READ_CHUNK, offset + len(pending)):
@@ -224,19 +221,6 @@ class Checkpoint:
         raise CheckpointError(f"{self.path}: corrupt line at byte {base + start} "
                               "(run with --fresh to start over)")
 
-    def _read_header(self, fd: int) -> tuple[bytes, dict[str, Any]]:
-        """The first line and its header; a file that is no checkpoint is never touched."""
-        line = _read_first_line(fd, _MAX_HEADER)
-        header: Any = None
-        if line is not None and line.startswith(_HEADER_PREFIX):
-            with contextlib.suppress(orjson.JSONDecodeError):
-                header = orjson.loads(line)
-        if line is None or not isinstance(header, dict) \
-                or header.get("batcher_checkpoint") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{self.path}: not a batcher checkpoint, so batcher will not overwrite it "
-                "(not even with --fresh); move it away or point output.checkpoint elsewhere")
-        return line, header
 
 
 class _RowIndex:
@@ -300,6 +284,48 @@ class _RowIndex:
             grown = np.zeros(capacity, dtype=old.dtype)
             grown[: len(old)] = old
             setattr(self, name, grown)
+
+
+def verify_checkpoint(path: Path, fingerprint: str | None) -> None:
+    """Without locking or changing anything (for ``validate``): an existing file at
+    ``path`` is a batcher checkpoint, of the job with ``fingerprint`` unless None
+    (``--fresh`` replaces any checkpoint, but only a checkpoint)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot open the checkpoint ({exc.strerror})") from None
+    try:
+        if _holds_no_rows(fd):
+            return
+        _line, header = _read_header(fd, path)
+        if fingerprint is not None:
+            _check_fingerprint(header, fingerprint, path)
+    finally:
+        os.close(fd)
+
+
+def _read_header(fd: int, path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The first line and its header; a file that is no checkpoint is never touched."""
+    line = _read_first_line(fd, _MAX_HEADER)
+    header: Any = None
+    if line is not None and line.startswith(_HEADER_PREFIX):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            header = orjson.loads(line)
+    if line is None or not isinstance(header, dict) \
+            or header.get("batcher_checkpoint") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: not a batcher checkpoint, so batcher will not overwrite it "
+            "(not even with --fresh); move it away or point output.checkpoint elsewhere")
+    return line, header
+
+
+def _check_fingerprint(header: dict[str, Any], fingerprint: str, path: Path) -> None:
+    if header.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{path}: the checkpoint was made by a different job (the input, model, "
+            "prompt or params changed); run with --fresh to discard it and start over")
 
 
 def _holds_no_rows(fd: int) -> bool:

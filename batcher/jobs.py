@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from batcher.batchmode import BatchRun, describe_plan, forget_state, plan_shards
-from batcher.checkpoint import Checkpoint, lock_path_for
+from batcher.checkpoint import Checkpoint, lock_path_for, verify_checkpoint
 from batcher.client import ChatClient, Endpoint
 from batcher.config import Job
 from batcher.endpoints import resolve_endpoint
@@ -41,7 +41,8 @@ async def arun_job(job: Job, options: RunOptions | None = None, *,
     step of the batch cycle.
     """
     options = options or RunOptions()
-    prepared = check_job(job, options.limit, environ, allow_empty=options.allow_empty_input)
+    prepared = check_job(job, options.limit, environ, allow_empty=options.allow_empty_input,
+                         fresh=options.fresh)
     assert job.output is not None
     with endpoint_for(job, environ) as (endpoint, redactor), Checkpoint(
         job.output.checkpoint_path, prepared.fingerprint, fresh=options.fresh
@@ -64,7 +65,10 @@ def dry_run(job: Job, limit: int | None = None,
             environ: Mapping[str, str] | None = None, *, fresh: bool = False) -> Estimate:
     """Check the job, its input and its endpoint settings; estimate without sending
     (with ``fresh``, as if the checkpoint were discarded)."""
-    prepared = check_job(job, limit, environ)
+    try:
+        prepared = check_job(job, limit, environ, fresh=fresh)
+    except CheckpointError as error:  # the estimate stands; the note says what would stop
+        return replace(estimate(prepare(job, limit)), note=f"a run would stop: {error}")
     checkpoint_path = job.output.checkpoint_path if job.output else None
     if checkpoint_path is not None and checkpoint_path.exists() and not fresh:
         try:
@@ -86,11 +90,12 @@ def _with_batch_plan(figures: Estimate, prepared: Prepared,
 
 
 def check_job(job: Job, limit: int | None = None, environ: Mapping[str, str] | None = None,
-              *, allow_empty: bool = False) -> Prepared:
+              *, allow_empty: bool = False, fresh: bool = False) -> Prepared:
     """Everything ``run`` checks before it sends a byte, in one place, so ``validate``
     and ``--dry-run`` pass exactly the jobs ``run`` would start: the input and its
     columns, the key's variable, where the key may travel (plain http, proxies), and
-    the results, checkpoint and lock paths. Raises a ``BatcherError`` (exit 2)."""
+    the results, checkpoint and lock paths, and that an existing checkpoint is this
+    job's (with ``fresh``: is a checkpoint at all). Raises a ``BatcherError`` (exit 2)."""
     prepared = prepare(job, limit, allow_empty=allow_empty)
     if job.endpoint.mock is None:
         resolve_endpoint(job.endpoint, environ=environ)
@@ -100,6 +105,7 @@ def check_job(job: Job, limit: int | None = None, environ: Mapping[str, str] | N
         check_path(job.output.path, "results file", private=False)
         check_path(checkpoint, "checkpoint", private=True)
         check_path(lock_path_for(checkpoint), "lock file", private=True)
+        verify_checkpoint(checkpoint, None if fresh else prepared.fingerprint)
     return prepared
 
 

@@ -310,7 +310,9 @@ def test_dry_run_fresh_counts_every_row_and_gives_no_fresh_advice(tmp_path: Path
     source = prompts_csv(tmp_path, 4)
     job = write_job(tmp_path / "job.yaml", job_dict(mock_server.base_url, source,
                                                     tmp_path / "out.csv"))
-    (tmp_path / "out.ckpt").write_text("not a checkpoint\n")
+    # A checkpoint of another job (a file that is no checkpoint at all is never
+    # replaced, not even with --fresh: issue 9).
+    (tmp_path / "out.ckpt").write_text('{"batcher_checkpoint":1,"fingerprint":"other"}\n')
     plain = invoke("run", str(job), "--dry-run")
     assert "--fresh" in plain.stdout  # the run would stop on it: the way on is --fresh
     fresh = invoke("run", str(job), "--dry-run", "--fresh")

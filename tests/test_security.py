@@ -30,8 +30,10 @@ from security_servers import (
     tls_front,
 )
 
+import batcher
 from batcher.cli import main
 from batcher.config import job_from_dict
+from batcher.errors import ConfigError
 from batcher.jobs import endpoint_for
 from batcher.mock_server import MockConfig, MockServer
 from batcher.redact import Redactor, printable
@@ -278,6 +280,23 @@ def test_9_fresh_refuses_to_replace_a_file_that_is_not_a_checkpoint(tmp_path: Pa
     assert precious.read_bytes() == before
 
 
+def test_9_and_15_validate_and_dry_run_see_what_run_would_stop_on(tmp_path: Path) -> None:
+    with MockServer() as mock:
+        job = job_file(tmp_path, mock.base_url)
+        checkpoint = tmp_path / "out.ckpt"
+        checkpoint.write_text('{"batcher_checkpoint":1,"fingerprint":"another job"}\n')
+        checkpoint.chmod(0o600)
+        foreign = cli("validate", str(job))
+        assert foreign.exit_code == 2 and "different job" in foreign.stderr
+        assert cli("validate", str(job)).exit_code == 2
+        checkpoint.write_text("id,text\n1,a data file\n")
+        fresh = cli("run", "--dry-run", "--fresh", str(job))
+        assert fresh.exit_code == 0
+        assert "a run would stop" in fresh.stdout and "not a batcher checkpoint" in fresh.stdout
+        assert mock.stats.snapshot()["requests_total"] == 0
+    assert checkpoint.read_text() == "id,text\n1,a data file\n"
+
+
 # == 10. links and loose modes ===============================================================
 
 @pytest.mark.parametrize("which", ["out.csv", "out.ckpt", "out.ckpt.lock"])
@@ -379,6 +398,8 @@ def test_13_a_nul_byte_in_a_path_is_a_clean_error(tmp_path: Path) -> None:
         result = cli(command, str(job))
         assert result.exit_code == 2
         assert "input.path" in result.stderr and "NUL" in result.stderr
+    with pytest.raises(ConfigError, match="NUL byte"):  # the job file's own path, from Python
+        batcher.run(tmp_path / "job\x00.yaml")
 
 
 # == 14. a capped response body =============================================================
