@@ -14,9 +14,20 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from batcher.api import JobSource, Result, Summary, arun, arun_dataframe, run, run_dataframe
+from batcher.api import (
+    JobSource,
+    Report,
+    Result,
+    Summary,
+    arun,
+    arun_dataframe,
+    report,
+    run,
+    run_dataframe,
+)
 from batcher.errors import (
     BatcherError,
+    BudgetReached,
     CheckpointError,
     ConfigError,
     DataError,
@@ -30,12 +41,14 @@ from batcher.records import RESULT_COLUMNS
 __all__ = [
     "RESULT_COLUMNS",
     "BatcherError",
+    "BudgetReached",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "Interrupted",
     "JobSource",
     "OutputError",
+    "Report",
     "Result",
     "RunAborted",
     "Summary",
@@ -43,6 +56,7 @@ __all__ = [
     "__version__",
     "arun",
     "arun_dataframe",
+    "report",
     "run",
     "run_dataframe",
 ]

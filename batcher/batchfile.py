@@ -172,7 +172,7 @@ class Reconciliation:
 
 
 def _error(kind: LineKind, reason: str) -> Outcome:
-    return Outcome(kind, RowResult.failed(one_line(f"batch: {reason}"), 1))
+    return Outcome(kind, RowResult.failed(one_line(f"batch: {reason}"), 1, f"batch {kind.value}"))
 
 
 def _line_outcome(line: dict[str, Any]) -> Outcome:

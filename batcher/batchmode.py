@@ -52,8 +52,9 @@ from batcher.checkpoint import Checkpoint
 from batcher.client import BatchClient, ChatClient, Endpoint
 from batcher.errors import ApiError, CheckpointError, Interrupted, OutputError, RunAborted, Verdict
 from batcher.finish import write_results_file
-from batcher.pipeline import Sender, row_request
+from batcher.pipeline import Sender, row_cost, row_request
 from batcher.preflight import Prepared
+from batcher.pricing import Price
 from batcher.progress import INPUT_ERROR_CLASS, RunStats
 from batcher.records import RowResult
 from batcher.redact import Redactor
@@ -348,7 +349,7 @@ class BatchRun:
                 if not writer.fits(line):
                     self._record(row.position, RowResult.failed(
                         f"the request ({len(line):,} bytes) is larger than "
-                        "batch.max_bytes_per_file", 0))
+                        "batch.max_bytes_per_file", 0, "batch request too large"))
                     continue
                 record(writer.add(key, line))
             record(writer.close())
@@ -534,9 +535,6 @@ class BatchRun:
             else:
                 self.stats.requests += 1
                 self._record(position_of(key), line.result)
-                prompt, completion = self.stats.batch_tokens
-                self.stats.batch_tokens = (prompt + (line.result.prompt_tokens or 0),
-                                           completion + (line.result.completion_tokens or 0))
         self.kinds.update(outcome.counts)
         shard.unfinished = unfinished
         shard.status = COLLECTED
@@ -557,6 +555,11 @@ class BatchRun:
                       "succeeded")
 
     def _record(self, position: int, result: RowResult) -> None:
+        price = self.prepared.price
+        result.cost_usd = row_cost(price if isinstance(price, Price) else None,
+                                   result.prompt_tokens, result.completion_tokens,
+                                   result.cached_tokens, result.reasoning_tokens)
+        result.finished_at = round(self._runtime.wall(), 3)
         self._checkpoint.append(position, result)
         self.stats.record(position, result, "a failed batch line")
 
@@ -581,11 +584,12 @@ class BatchRun:
             stats.requests += self.stats.requests
             stats.prompt_tokens += self.stats.prompt_tokens
             stats.completion_tokens += self.stats.completion_tokens
-            stats.batch_tokens = self.stats.batch_tokens
+            stats.cost_usd += self.stats.cost_usd  # batch answers, at the batch price
             return report
         written = write_results_file(prepared, self._checkpoint)
         return RunReport(self.stats, written.rows, written.failed_rows, written.path,
-                         results_rewritten=written.rewritten)
+                         results_rewritten=written.rewritten, tally=written.tally,
+                         price=prepared.price)
 
     def _come_back_message(self) -> str:
         shards = self._state.open_shards()
@@ -653,11 +657,9 @@ def _count(number: int, noun: str) -> str:
     return f"{number:,} {noun}{'' if number == 1 else plural}"
 
 
-def describe_plan(plan: BatchPlan, cost_usd: float | None, model: str) -> str:
-    """The dry run's batch line: shards, requests and the cost at the batch price."""
-    text = (f"mode batch: {_count(plan.requests, 'request')} in "
+def describe_plan(plan: BatchPlan) -> str:
+    """The dry run's batch line: shards and requests (the estimate's cost is
+    already at the Batch API price)."""
+    return (f"mode batch: {_count(plan.requests, 'request')} in "
             f"{_count(plan.shards, 'batch file')}")
-    if cost_usd is not None:
-        text += f"; at most ${cost_usd / 2:,.2f} at {model}'s Batch API price (half the list price)"
-    return text
 

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +366,64 @@ def _acquire_lock(path: Path) -> int:
             f"{path}: another batcher run of this job is in progress (lock {lock_path.name} "
             "is held); wait for it to finish") from None
     return fd
+
+
+# -- reading from another process ---------------------------------------------------------------
+
+
+def read_journal(path: Path) -> tuple[str, Iterator[dict[str, Any]]]:
+    """The fingerprint and the row records of a checkpoint, in the order written,
+    for a reader beside a run that may still be appending (``batcher status``).
+
+    The file is opened read-only and no lock is taken, so the run is not
+    disturbed; a last line still being written (or torn by a kill) is left
+    out. Raises ``CheckpointError`` when the file is not a checkpoint.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint yet (the job has not run)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from None
+    header_line = _read_first_line(fd)
+    header: Any = None
+    if header_line is not None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            header = orjson.loads(header_line)
+    if not isinstance(header, dict) or header.get("batcher_checkpoint") != FORMAT_VERSION:
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a batcher checkpoint")
+    assert header_line is not None
+    return str(header.get("fingerprint")), _records(path, fd, len(header_line) + 1)
+
+
+def _records(path: Path, fd: int, offset: int) -> Iterator[dict[str, Any]]:
+    try:
+        pending = b""
+        while chunk := os.pread(fd, _READ_CHUNK, offset):
+            offset += len(chunk)
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()  # no newline yet: still being written, or torn
+            for line in lines:
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    raise CheckpointError(f"{path}: corrupt line near byte "
+                                          f"{offset - len(pending)}") from None
+    finally:
+        os.close(fd)
+
+
+def run_in_progress(path: Path) -> bool | None:
+    """Whether a run holds this checkpoint's lock, read from ``/proc/locks``
+    without touching the lock (None where that file does not exist)."""
+    try:
+        info = path.with_name(path.name + ".lock").stat()
+        table = Path("/proc/locks").read_text(encoding="ascii")
+    except FileNotFoundError:
+        return False if Path("/proc/locks").exists() else None
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return any(fields[1] == "FLOCK" and fields[5] == device
+               for fields in (line.split() for line in table.splitlines()) if len(fields) > 5)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
+import orjson
 
 from batcher import __version__, jobs
 from batcher.config import load_job
@@ -24,7 +25,7 @@ from batcher.jobs import SIMULATED_NOTICE
 from batcher.mock_server import MockConfig, serve_forever
 from batcher.redact import printable
 from batcher.runner import RunOptions
-from batcher.summary import Summary
+from batcher.summary import SCHEMA_VERSION, summarize_run
 
 T = TypeVar("T")
 JOB_ARGUMENT = click.argument("job_file", metavar="JOB.yaml",
@@ -37,12 +38,23 @@ def _say(text: str, err: bool = False) -> None:
     click.echo(printable(text), err=err)
 
 
-def _report_errors(action: Callable[[], T]) -> T:
+def _report_errors(action: Callable[[], T], *, as_json: bool = False) -> T:
     try:
         return action()
     except BatcherError as error:
         _say(f"batcher: error: {error}", err=True)
+        if as_json:  # a cron pipeline reads stdout: tell it what happened there too
+            _echo_json({"schema_version": SCHEMA_VERSION, "exit_code": error.exit_code,
+                        "error": str(error)})
         sys.exit(error.exit_code)
+
+
+def _echo_json(data: object) -> None:
+    click.echo(_json_text(data))
+
+
+def _json_text(data: object) -> str:
+    return orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,8 +75,10 @@ def main() -> None:
 @click.option("--wait", is_flag=True,
               help="mode: batch: poll until every batch is done instead of exiting once "
                    "they are submitted.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the run's summary as JSON on stdout (README: Run summary).")
 def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
-        quiet: bool, wait: bool) -> None:
+        quiet: bool, wait: bool, as_json: bool) -> None:
     """Run JOB.yaml to the end; run it again to resume after a crash or Ctrl-C.
 
     With `mode: batch` the rows go to the provider's Batch API (half price,
@@ -73,24 +87,34 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
 
     Exit codes: 0 every row answered (or, in batch mode, submitted); 1 some
     rows failed (status `error` in the results); 2 bad job, input or
-    arguments (nothing sent); 3 aborted by the server (bad key, no quota);
-    130/143 interrupted by SIGINT/SIGTERM.
+    arguments (nothing sent); 3 aborted by the server (bad key, no quota) or
+    the budget (limits.max_cost_usd, limits.max_total_tokens); 130/143
+    interrupted by SIGINT/SIGTERM.
     """
-    job = _report_errors(lambda: load_job(job_file))
+    job = _report_errors(lambda: load_job(job_file), as_json=as_json)
     if estimate_only:
-        figures = _report_errors(lambda: jobs.dry_run(job, limit, fresh=fresh))
-        _say(f"{job_file}: dry run, nothing sent: {figures.describe(job.model)}")
+        figures = _report_errors(lambda: jobs.dry_run(job, limit, fresh=fresh),
+                                 as_json=as_json)
+        _say(f"{job_file}: dry run, nothing sent: {figures.describe()}")
         return
     if job.endpoint.mock is not None:
         _say(f"batcher: {SIMULATED_NOTICE}", err=True)
     options = RunOptions(fresh=fresh, limit=limit, progress=not quiet, wait=wait)
     started = time.monotonic()
-    report = _report_errors(lambda: asyncio.run(jobs.arun_job(job, options)))
+    report = _report_errors(lambda: asyncio.run(jobs.arun_job(job, options)), as_json=as_json)
     if report.pending is not None:
-        _say(f"submitted: {report.pending}")
+        if as_json:
+            _echo_json({"schema_version": SCHEMA_VERSION, "exit_code": 0,
+                        "pending": report.pending})
+        else:
+            _say(f"submitted: {report.pending}")
         return
-    for line in Summary.of(job, report, time.monotonic() - started).lines():
+    summary = summarize_run(job, report, time.monotonic() - started)
+    for line in summary.lines():
         _say(f"batcher: {line}", err=True)
+    if as_json:
+        _echo_json(summary.to_json())
+        sys.exit(report.exit_code)
     state = "complete" if not report.failed_rows else (
         f"{report.failed_rows} row{'s' if report.failed_rows != 1 else ''} failed")
     if not report.results_rewritten:
@@ -99,6 +123,43 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
         state += f", a sample of the first {limit} rows; {job.output.path} is left as it was"
     _say(f"results: {report.results_path} ({report.rows} rows, {state})")
     sys.exit(report.exit_code)
+
+
+@main.command()
+@JOB_ARGUMENT
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(job_file: Path, as_json: bool) -> None:
+    """How far JOB.yaml has got: rows done, errors, tokens, cost, rate and ETA.
+
+    Reads the checkpoint without disturbing a run in progress (no lock is
+    taken, nothing is written), so it works from another terminal while the
+    job runs, and after it stopped.
+    """
+    from batcher.status import job_status
+
+    figures = _report_errors(lambda: job_status(load_job(job_file)))
+    if as_json:
+        click.echo(_json_text(figures.as_dict()))  # JSON escapes every control character
+    else:
+        _say(figures.describe())
+
+
+@main.command()
+@click.argument("source", metavar="RESULTS|JOB.yaml",
+                type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the HTML file (default: beside the results, NAME.report.html).")
+def report(source: Path, output: Path | None) -> None:
+    """Write a self-contained HTML report of a finished run: totals and cost,
+    throughput against the limit, latency, tokens per row, errors, the
+    slowest and most expensive rows (needs: pip install 'batcher[report]')."""
+    from batcher.reporting import report_for
+
+    def write() -> Path:
+        built = report_for(source)
+        return built.write(output or built.default_path)
+
+    _say(f"report: {_report_errors(write)}")
 
 
 @main.command()

@@ -161,6 +161,37 @@ class LimitsSpec(_Spec):
     concurrency: PositiveInt = 32
     requests_per_minute: PositiveFloat | None = None
     tokens_per_minute: PositiveFloat | None = None
+    # A budget: the run stops (exit 3) before it could spend more.
+    max_cost_usd: PositiveFloat | None = None
+    max_total_tokens: PositiveInt | None = None
+
+
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class PricingSpec(_Spec):
+    """Prices for a model the price data does not know (USD per million tokens),
+    or the provider to look the model up under."""
+
+    input: NonNegativeFloat | None = None
+    cached_input: NonNegativeFloat | None = None
+    output: NonNegativeFloat | None = None
+    batch_discount: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    provider: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> PricingSpec:
+        rates = (self.input, self.cached_input, self.output)
+        if self.provider is not None and any(rate is not None for rate in rates):
+            raise ValueError("set either pricing.provider (look the model up there) or prices "
+                             "(input, output), not both")
+        if any(rate is not None for rate in rates) and (self.input is None
+                                                         or self.output is None):
+            raise ValueError("pricing: needs both input and output (USD per million tokens)")
+        if self.provider is None and self.input is None:
+            raise ValueError("pricing: set input and output (USD per million tokens), or "
+                             "provider")
+        return self
 
 
 class RetrySpec(_Spec):
@@ -225,6 +256,7 @@ class Job(_Spec):
     output: OutputSpec | None = None
     mode: Literal["online", "batch"] = "online"
     batch: BatchSpec = BatchSpec()
+    pricing: PricingSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Job:
@@ -241,6 +273,15 @@ class Job(_Spec):
         if self.mode == "batch" and self.endpoint.azure is not None:
             raise ValueError("mode: batch needs an OpenAI-style base_url (for Azure, its "
                              "/openai/v1 API), not endpoint.azure")
+        budget = (self.limits.max_cost_usd, self.limits.max_total_tokens)
+        if any(limit is not None for limit in budget) and self.mode == "batch":
+            raise ValueError("limits: a budget (max_cost_usd, max_total_tokens) holds for "
+                             "online requests only; a batch is billed whole once submitted "
+                             "(see its cost with --dry-run)")
+        if any(limit is not None for limit in budget) and self.max_output_tokens is None:
+            raise ValueError("limits: a budget (max_cost_usd, max_total_tokens) needs "
+                             "params.max_tokens (or max_completion_tokens), so the most a "
+                             "request can cost is known before it is sent")
         return self
 
     @property
@@ -440,6 +481,7 @@ _MESSAGES: dict[str, str] = {
     "extra_forbidden": "unknown key",
     "greater_than": "must be a positive number",
     "greater_than_equal": "must be zero or more",
+    "less_than": "must be less than 1 (a fraction: 0.5 is half off)",
     "int_type": "must be a whole number",
     "int_parsing": "must be a whole number",
     "int_from_float": "must be a whole number",

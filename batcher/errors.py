@@ -50,6 +50,11 @@ class RunAborted(BatcherError):
     exit_code = 3
 
 
+class BudgetReached(RunAborted):
+    """The next request could take the run past ``limits.max_cost_usd`` or
+    ``limits.max_total_tokens``: nothing more is sent; a raised budget resumes."""
+
+
 class Interrupted(BatcherError):
     """Ctrl-C or SIGTERM: the checkpoint is consistent and the run can resume."""
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,14 @@ import pyarrow as pa
 
 from batcher.checkpoint import Checkpoint
 from batcher.inputs import typed_columns
-from batcher.outputs import attach_results, results_schema, write_results
+from batcher.outputs import NO_OUTCOME, attach_results, results_schema, write_results
 from batcher.preflight import Prepared
+from batcher.progress import INPUT_ERROR_CLASS
 from batcher.prompts import PromptRenderer
-from batcher.records import STATUS_OK, RowResult
+from batcher.records import STATUS_ERROR, STATUS_OK, RowResult
+from batcher.tally import Tally
+
+_TALLY_CHUNK = 65_536  # rows read back from the journal at a time
 
 
 @dataclass(frozen=True)
@@ -43,19 +47,23 @@ class Written:
     rows: int
     failed_rows: int
     rewritten: bool = True  # False: the file on disk was already up to date
+    tally: Tally = field(default_factory=Tally)  # every row of the results, for the summary
 
 
 def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
-    """Write the job's results file atomically; count the rows that are not ``ok``."""
+    """Write the job's results file atomically; count the rows that are not ``ok``
+    and tally every row for the summary."""
     path = results_destination(prepared)
     stamp_path = checkpoint.path.with_name(checkpoint.path.name + ".written")
     stamp = _stamp(prepared, checkpoint)
     if _read_stamp(stamp_path) == {**stamp, **_file_identity(path)}:
         rows = prepared.row_count
-        return Written(path, rows, rows - checkpoint.count_done(0, rows), rewritten=False)
+        return Written(path, rows, rows - checkpoint.count_done(0, rows), rewritten=False,
+                       tally=_tally_journal(checkpoint, rows))
     schema = results_schema(prepared.output_schema)
     renderer = PromptRenderer(prepared.job.prompt)
     failed = 0
+    tally = Tally()
 
     def batches() -> Iterator[pa.RecordBatch]:
         nonlocal failed
@@ -66,6 +74,9 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
                 _fill_input_errors(records, batch, position, renderer)
             failed += sum(1 for record in records
                           if record is None or record["status"] != STATUS_OK)
+            for offset, record in enumerate(records):
+                tally.add(record if record is not None else {"i": position + offset,
+                                                             **NO_OUTCOME})
             typed = typed_columns(batch, prepared.output_schema)
             yield attach_results(typed, records, schema)
             position += batch.num_rows
@@ -76,7 +87,19 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
                          csv_escape_formulas=output.csv_escape_formulas)
     checkpoint.sync()
     _write_stamp(stamp_path, {**stamp, **_file_identity(path)})
-    return Written(path, rows, failed)
+    return Written(path, rows, failed, tally=tally)
+
+
+def _tally_journal(checkpoint: Checkpoint, rows: int) -> Tally:
+    """The tally of an up-to-date results file, from the journal alone: a row
+    without a record is one its input kept from being sent."""
+    tally = Tally()
+    for start in range(0, rows, _TALLY_CHUNK):
+        records = checkpoint.read(start, min(rows, start + _TALLY_CHUNK))
+        for offset, record in enumerate(records):
+            tally.add(record if record is not None else {
+                "i": start + offset, "status": STATUS_ERROR, "error_class": INPUT_ERROR_CLASS})
+    return tally
 
 
 def results_destination(prepared: Prepared) -> Path:
@@ -94,7 +117,7 @@ def _fill_input_errors(records: list[dict[str, Any] | None], batch: pa.RecordBat
     for row in renderer.render(batch, start):
         offset = row.position - start
         if records[offset] is None and row.messages is None:
-            records[offset] = RowResult.failed(row.problem or "", 0).to_dict()
+            records[offset] = RowResult.failed(row.problem or "", 0, INPUT_ERROR_CLASS).to_dict()
 
 
 def _stamp(prepared: Prepared, checkpoint: Checkpoint) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def _with_batch_plan(figures: Estimate, prepared: Prepared,
     if job.mode != "batch":
         return figures
     plan = plan_shards(prepared, checkpoint)
-    return replace(figures, batch=describe_plan(plan, figures.cost_usd, job.model))
+    return replace(figures, batch=describe_plan(plan))
 
 
 def check_job(job: Job, limit: int | None = None, environ: Mapping[str, str] | None = None,

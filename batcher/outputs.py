@@ -68,14 +68,14 @@ def _pandas_metadata(metadata: dict[bytes, bytes] | None, fields: list[pa.Field]
     return kept
 
 
-_NO_OUTCOME = RowResult.failed("no outcome recorded", 0).to_dict()
+NO_OUTCOME = RowResult.failed("no outcome recorded", 0, "no outcome").to_dict()
 
 
 def attach_results(batch: pa.RecordBatch, records: list[dict[str, Any] | None],
                    schema: pa.Schema) -> pa.RecordBatch:
     """The input batch with the result columns appended, from checkpoint records
     (a row without one becomes an error row)."""
-    rows = [record if record is not None else _NO_OUTCOME for record in records]
+    rows = [record if record is not None else NO_OUTCOME for record in records]
     columns = list(batch.columns)
     for field in result_fields():
         name = field.name

@@ -28,12 +28,14 @@ from typing import Any, Protocol
 import orjson
 import pyarrow as pa
 
+from batcher.budget import Budget, Hold
 from batcher.checkpoint import Checkpoint
 from batcher.client import Response
 from batcher.config import Job
 from batcher.errors import ApiError, RunAborted, Verdict
 from batcher.limits import OutputEstimate, RateLimiter, Sleep
-from batcher.progress import RunStats
+from batcher.pricing import Price, Usage
+from batcher.progress import INPUT_ERROR_CLASS, RunStats
 from batcher.prompts import PromptRenderer, RenderedRow
 from batcher.records import STATUS_OK, RowResult
 from batcher.retry import RetryPolicy
@@ -98,7 +100,7 @@ def unfinished_rows(batches: Iterable[pa.RecordBatch], renderer: PromptRenderer,
 def row_request(row: RenderedRow, job: Job) -> RowRequest | RowResult:
     """The row's request, or its error result when it cannot be sent at all."""
     if row.messages is None:
-        return RowResult.failed(row.problem or "", 0)
+        return RowResult.failed(row.problem or "", 0, INPUT_ERROR_CLASS)
     return RowRequest(row.position, request_body(job.model, row.messages, job.params),
                       row.prompt_tokens_estimate)
 
@@ -132,6 +134,8 @@ class Sending:
     output_estimate: OutputEstimate = field(default_factory=OutputEstimate)
     stopping: Callable[[], bool] = _never
     validate: Validator | None = None
+    price: Price | None = None  # a row's cost_usd; None: no price known
+    budget: Budget | None = None  # reserve before each attempt, settle on its reply
 
     @classmethod
     def for_job(cls, job: Job, sender: Sender, limiter: RateLimiter, stats: RunStats,
@@ -146,21 +150,29 @@ class Sending:
 
 async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
     """Send one row until it succeeds, fails for good (with the last error),
-    or the run stops (None). Raises ``RunAborted`` on the server's verdict
-    that the whole run must stop (a bad key, no quota)."""
+    or the run stops or reaches its budget (None). Raises ``RunAborted`` on the
+    server's verdict that the whole run must stop (a bad key, no quota)."""
     max_output = sending.max_output_tokens
     attempts = 0
     while True:
+        hold = await _reserve(request, sending)
+        if sending.budget is not None and hold is None:
+            return None  # the budget is reached: the run stops
+        if sending.stopping():
+            _release(sending.budget, hold)
+            return None
         output_guess = max_output if max_output is not None else sending.output_estimate.value
         reservation = await sending.limiter.acquire(
             request.prompt_tokens_estimate + output_guess * sending.n_choices)
         if sending.stopping():
+            _release(sending.budget, hold)
             return None
         attempts += 1
         sending.stats.requests += 1
         try:
             response = await sending.sender.send(request.body)
         except ApiError as error:
+            _release(sending.budget, hold)
             sending.limiter.observe(parse_rate_limits(error.headers), reservation.tokens)
             failure = error
         else:
@@ -171,9 +183,14 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
             sending.limiter.settle(reservation, _charged_tokens(
                 completion.prompt_tokens, completion.completion_tokens, max_output,
                 sending.n_choices))
+            cost = row_cost(sending.price, completion.prompt_tokens,
+                            completion.completion_tokens, completion.cached_tokens,
+                            completion.reasoning_tokens)
+            if sending.budget is not None and hold is not None:
+                sending.budget.settle(hold, cost, completion.total_tokens)
             problem = None if sending.validate is None else sending.validate(completion)
             if problem is None:
-                return Outcome(_ok_result(completion, attempts, response.latency_s))
+                return Outcome(_ok_result(completion, attempts, response.latency_s, cost))
             failure = ApiError(Verdict.RETRY, f"reply rejected: {problem}")
         if failure.verdict is Verdict.ABORT:
             raise RunAborted(f"the server refused the run: {failure.message}; the "
@@ -183,13 +200,46 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
             sending.limiter.on_rate_limited()
         delay = sending.policy.delay_before_retry(attempts, failure, sending.rng)
         if delay is None:
-            return Outcome(RowResult.failed(failure.message, attempts), failure)
+            return Outcome(RowResult.failed(failure.message, attempts, failure.signature),
+                           failure)
         await sending.sleep(delay)
         if sending.stopping():
             return None
 
 
-def _ok_result(completion: Completion, attempts: int, latency_s: float) -> RowResult:
+async def _reserve(request: RowRequest, sending: Sending) -> Hold | None:
+    """Hold the attempt's worst case against the budget (None: no budget, or reached).
+
+    The prompt's bound is the request body's length in bytes: every token of
+    a byte-level tokenizer is at least one byte, and the body's JSON framing
+    outweighs the chat format's few tokens per message.
+    """
+    budget = sending.budget
+    if budget is None:
+        return None
+    assert sending.max_output_tokens is not None  # a budget requires max_tokens (config)
+    prompt = len(request.body)
+    output = sending.max_output_tokens * sending.n_choices
+    cost = 0.0 if sending.price is None else sending.price.worst_case(prompt, output)
+    return await budget.reserve(cost, prompt + output)
+
+
+def _release(budget: Budget | None, hold: Hold | None) -> None:
+    if budget is not None and hold is not None:
+        budget.release(hold)
+
+
+def row_cost(price: Price | None, prompt_tokens: int | None, completion_tokens: int | None,
+             cached_tokens: int | None, reasoning_tokens: int | None) -> float | None:
+    """A reply's cost as the provider bills it (None: no price, or no usage sent)."""
+    if price is None or prompt_tokens is None or completion_tokens is None:
+        return None
+    return round(price.cost(Usage(prompt_tokens, completion_tokens, cached_tokens or 0,
+                                  reasoning_tokens or 0)), 10)
+
+
+def _ok_result(completion: Completion, attempts: int, latency_s: float,
+               cost_usd: float | None) -> RowResult:
     return RowResult(
         reply=completion.reply,
         finish_reason=completion.finish_reason,
@@ -203,6 +253,7 @@ def _ok_result(completion: Completion, attempts: int, latency_s: float) -> RowRe
         error=None,
         attempts=attempts,
         latency_s=round(latency_s, 4),
+        cost_usd=cost_usd,
     )
 
 

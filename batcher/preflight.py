@@ -10,18 +10,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import orjson
 import pyarrow as pa
 
 from batcher.checkpoint import Checkpoint
 from batcher.config import Job
-from batcher.errors import DataError
+from batcher.errors import ConfigError, DataError
 from batcher.inputs import InputReader, scan_input
 from batcher.pipeline import unfinished_rows
-from batcher.pricing import price_for
+from batcher.pricing import NoPrice, Price, resolve_price
 from batcher.prompts import PromptRenderer, RenderedRow
 from batcher.records import RESULT_COLUMNS
+from batcher.tokens import counter_for
 
 FINGERPRINT_VERSION = 1
 
@@ -32,20 +34,24 @@ class Estimate:
     pending_rows: int
     prompt_tokens: int
     completion_tokens: int | None  # None when the job sets no max_tokens
-    cost_usd: float | None
+    cost_usd: float | None  # None: no price known, or no max_tokens to bound the output
+    tokens_counted: str  # how prompt tokens were counted: a real tokenizer or an estimate
+    price: Price | NoPrice
     note: str | None = None  # something the run would trip over
     batch: str | None = None  # mode: batch: the batch files and the cost at the batch price
 
-    def describe(self, model: str) -> str:
+    def describe(self) -> str:
         text = (f"{self.rows} rows ({self.pending_rows} to send, "
-                f"{self.rows - self.pending_rows} already done); about "
-                f"{self.prompt_tokens:,} prompt tokens to send")
+                f"{self.rows - self.pending_rows} already done); {self.prompt_tokens:,} prompt "
+                f"tokens to send ({self.tokens_counted})")
         if self.completion_tokens is None:
             text += "; completion tokens unknown (params set no max_tokens)"
         else:
             text += f" and at most {self.completion_tokens:,} completion tokens"
-        if self.cost_usd is not None:
-            text += f"; at most ${self.cost_usd:,.2f} at {model}'s list price"
+        if isinstance(self.price, NoPrice):
+            text += f"\ncost unknown: {self.price.reason}"
+        elif self.cost_usd is not None:
+            text += f"\ncost: at most ${self.cost_usd:,.4f} at {self.price.describe()}"
         if self.batch:
             text += f"\n{self.batch}"
         if self.note:
@@ -82,6 +88,21 @@ class Prepared:
             if self.limit is not None and seen >= self.limit:
                 return
 
+    @cached_property
+    def price(self) -> Price | NoPrice:
+        """The model's price in the job's mode (``mode: batch``: the Batch API's)."""
+        return self._price(batch=self.job.mode == "batch")
+
+    @cached_property
+    def online_price(self) -> Price | NoPrice:
+        """The price of requests sent online (a batch job's online fallback too)."""
+        return self._price(batch=False)
+
+    def _price(self, *, batch: bool) -> Price | NoPrice:
+        job = self.job
+        return resolve_price(job.model, pricing=job.pricing, base_url=job.endpoint.base_url,
+                             batch=batch)
+
     def unfinished_rows(self, checkpoint: Checkpoint | None) -> Iterator[RenderedRow]:
         """Every row within the limit the checkpoint does not hold as ``ok``, rendered."""
         return unfinished_rows(self.batches(), PromptRenderer(self.job.prompt), checkpoint)
@@ -101,8 +122,12 @@ def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) ->
     if summary.rows == 0 and not allow_empty and limit != 0:
         raise DataError(f"{job.input.path}: the input has no rows (only a header); "
                         "nothing to send")
-    return Prepared(job, reader, summary.rows, fingerprint(job, summary.digest), limit,
-                    summary.digest, summary.output_schema, summary.beyond_limit)
+    prepared = Prepared(job, reader, summary.rows, fingerprint(job, summary.digest), limit,
+                        summary.digest, summary.output_schema, summary.beyond_limit)
+    if job.limits.max_cost_usd is not None and isinstance(prepared.online_price, NoPrice):
+        raise ConfigError(f"limits.max_cost_usd: cannot keep to a budget without a price: "
+                          f"{prepared.online_price.reason}")
+    return prepared
 
 
 def fingerprint(job: Job, input_digest: str) -> str:
@@ -122,22 +147,27 @@ def fingerprint(job: Job, input_digest: str) -> str:
 
 
 def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estimate:
-    """Rows and tokens a run would send (for ``--dry-run``)."""
+    """Rows, tokens and cost a run would send (for ``--dry-run``): prompt tokens
+    counted with the model's tokenizer where one works offline, else estimated;
+    the cost is an upper bound (every row using its whole ``max_tokens``, no
+    cache hits)."""
     job = prepared.job
+    counter = counter_for(job.model)
     prompt_tokens = 0
     pending = 0
     for row in prepared.unfinished_rows(checkpoint):
         if row.messages is not None:
             pending += 1
-            prompt_tokens += row.prompt_tokens_estimate
+            prompt_tokens += counter.count(row.messages)
     max_output = job.max_output_tokens
     completion = None if max_output is None else max_output * pending * int(
         job.params.get("n", 1) or 1)
-    price = price_for(job.model)
+    price = prepared.price
     cost = None
-    if price is not None and completion is not None:
-        cost = price.cost(prompt_tokens, completion)
-    return Estimate(prepared.row_count, pending, prompt_tokens, completion, cost)
+    if isinstance(price, Price) and completion is not None:
+        cost = price.worst_case(prompt_tokens, completion)
+    return Estimate(prepared.row_count, pending, prompt_tokens, completion, cost, counter.label,
+                    price)
 
 
 def _check_columns(job: Job, reader: InputReader) -> None:

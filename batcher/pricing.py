@@ -1,39 +1,183 @@
-"""List prices, for the dry-run estimate only (USD per million tokens).
+"""What a request costs: prices from the maintained ``genai-prices`` data, or the job's own.
 
-Prices change; these are OpenAI's published standard-tier prices as of
-2025 and are used only to print an estimate, never to stop a run.
+A run resolves its price once, before the first request (:func:`resolve_price`):
+
+1. A ``pricing:`` block with rates (custom, fine-tuned, self-hosted models)
+   is used as written: USD per million input, cached-input and output tokens,
+   and ``batch_discount`` off all three in Batch API mode.
+2. Otherwise the model is looked up in the ``genai-prices`` package's bundled
+   data (no network: updates are never fetched at run time), under the
+   provider ``pricing.provider`` names, or the one the endpoint's URL
+   identifies, or, when the URL is none it knows (a proxy, a self-hosted
+   server, the built-in mock), by the model name alone.
+3. Nothing found: there is no price. The run says why and ``cost_usd`` stays
+   empty; a number is never made up.
+
+Tokens are billed the way OpenAI's chat API reports them: ``prompt_tokens``
+includes ``cached_tokens``, which cost the cached-input price;
+``completion_tokens`` includes ``reasoning_tokens``, which cost the output
+price (unless the price data gives reasoning its own rate).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from genai_prices.types import ModelPrice, PriceCalculation
+
+    from batcher.config import PricingSpec
+
+_MILLION = 1_000_000
+_BATCH_CONTEXT = {"processing": "batch"}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One response's token counts, as the chat-completions API reports them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # part of prompt_tokens
+    reasoning_tokens: int = 0  # part of completion_tokens
 
 
 @dataclass(frozen=True)
 class Price:
-    input_per_mtok: float
-    output_per_mtok: float
+    """A model's price for one run. Rates are USD per million tokens; for
+    tiered prices they are the highest tier's (a worst case for estimates)."""
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok
-                + completion_tokens * self.output_per_mtok) / 1_000_000
+    input: float
+    cached_input: float
+    output: float
+    source: str  # where the figures come from, for summaries and the dry run
+    batch: bool = False
+    # Set when the price data is more than three flat rates (tiers by prompt
+    # size, a separate reasoning rate): rows are then costed by genai-prices.
+    model_price: ModelPrice | None = None
+
+    def cost(self, usage: Usage) -> float:
+        """What one response cost in USD, as the provider bills it."""
+        if self.model_price is not None:
+            return float(self.model_price.calc_price(_genai_usage(usage))["total_price"])
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        return ((usage.prompt_tokens - cached) * self.input + cached * self.cached_input
+                + usage.completion_tokens * self.output) / _MILLION
+
+    def worst_case(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """An upper bound on a request's cost: no cache hits, the highest tier."""
+        return (prompt_tokens * self.input + completion_tokens * self.output) / _MILLION
+
+    def describe(self) -> str:
+        rates = (f"${_figure(self.input)} input, ${_figure(self.cached_input)} cached input, "
+                 f"${_figure(self.output)} output per million tokens")
+        return f"{rates} ({self.source}{', Batch API price' if self.batch else ''})"
 
 
-PRICES: dict[str, Price] = {
-    "gpt-4o": Price(2.50, 10.00),
-    "gpt-4o-mini": Price(0.15, 0.60),
-    "gpt-4.1": Price(2.00, 8.00),
-    "gpt-4.1-mini": Price(0.40, 1.60),
-    "gpt-4.1-nano": Price(0.10, 0.40),
-    "gpt-3.5-turbo": Price(0.50, 1.50),
-}
+@dataclass(frozen=True)
+class NoPrice:
+    """Why a run has no price: said in the summary instead of a made-up number."""
+
+    reason: str
 
 
-def price_for(model: str) -> Price | None:
-    """The price of ``model``, matching dated snapshots (``gpt-4o-mini-2024-07-18``)."""
-    if model in PRICES:
-        return PRICES[model]
-    for name in sorted(PRICES, key=len, reverse=True):
-        if model.startswith(name + "-") and model[len(name) + 1:][:1].isdigit():
-            return PRICES[name]
-    return None
+def resolve_price(model: str, *, pricing: PricingSpec | None = None,
+                  base_url: str | None = None, batch: bool = False,
+                  when: datetime | None = None) -> Price | NoPrice:
+    """The price of ``model`` for a run (``batch``: the Batch API's rates).
+
+    ``base_url`` is the endpoint's URL (None for the built-in mock); ``when``
+    the request time the price data is read at (default: now).
+    """
+    if pricing is not None and pricing.input is not None:
+        assert pricing.output is not None  # the job's validation requires both
+        factor = 1.0 - (pricing.batch_discount if batch else 0.0)
+        cached = pricing.input if pricing.cached_input is None else pricing.cached_input
+        return Price(input=pricing.input * factor, cached_input=cached * factor,
+                     output=pricing.output * factor, source="the job's pricing block",
+                     batch=batch)
+    provider = pricing.provider if pricing is not None else None
+    return _listed_price(model, provider, base_url, batch, when or datetime.now(UTC))
+
+
+def _listed_price(model: str, provider: str | None, base_url: str | None, batch: bool,
+                  when: datetime) -> Price | NoPrice:
+    from genai_prices import Usage as GenaiUsage
+    from genai_prices import __version__, calc_price
+
+    context = _BATCH_CONTEXT if batch else None
+    zero = GenaiUsage(input_tokens=0, output_tokens=0)
+    try:
+        if provider is not None:
+            found = calc_price(zero, model, provider_id=provider, genai_request_timestamp=when,
+                               price_context=context)
+        else:
+            found = _by_url_then_name(zero, model, base_url, when, context)
+    except LookupError:
+        where = f"provider '{provider}'" if provider else (
+            "any provider" if base_url is None else f"{base_url} or by name")
+        return NoPrice(f"genai-prices {__version__} has no price for model '{model}' at "
+                       f"{where}; add a pricing: block (input, output: USD per million tokens) "
+                       "to the job to supply one")
+    model_price = found.model_price
+    rates = [_top_rate(model_price.input_mtok), _top_rate(model_price.cache_read_mtok),
+             _top_rate(model_price.output_mtok)]
+    if rates[0] is None or rates[2] is None:
+        return NoPrice(f"genai-prices {__version__} lists '{found.model.id}' at "
+                       f"{found.provider.name} without token prices; add a pricing: block "
+                       "to the job")
+    flat = all(isinstance(rate, Decimal | None) for rate in (
+        model_price.input_mtok, model_price.cache_read_mtok, model_price.output_mtok))
+    flat = flat and model_price.output_reasoning_mtok is None
+    input_rate, cached_rate, output_rate = (float(rate) if rate is not None else None
+                                            for rate in rates)
+    assert input_rate is not None and output_rate is not None
+    return Price(
+        input=input_rate,
+        cached_input=input_rate if cached_rate is None else cached_rate,
+        output=output_rate,
+        source=f"genai-prices {__version__}: {found.provider.name} {found.model.id}",
+        batch=batch,
+        model_price=None if flat else model_price,
+    )
+
+
+def _by_url_then_name(zero: object, model: str, base_url: str | None, when: datetime,
+                      context: dict[str, str] | None) -> PriceCalculation:
+    from genai_prices import calc_price
+
+    if base_url is not None:
+        try:
+            return calc_price(zero, model, provider_api_url=base_url,
+                              genai_request_timestamp=when, price_context=context)
+        except LookupError:
+            pass  # a URL genai-prices does not know (a proxy, a local server): try the name
+    return calc_price(zero, model, genai_request_timestamp=when, price_context=context)
+
+
+def _top_rate(rate: object) -> Decimal | None:
+    """A flat rate as it is; a tiered one as its highest tier."""
+    from genai_prices.types import TieredPrices
+
+    if isinstance(rate, TieredPrices):
+        return max([rate.base, *(tier.price for tier in rate.tiers)])
+    return rate if isinstance(rate, Decimal) else None
+
+
+def _genai_usage(usage: Usage) -> object:
+    from genai_prices import Usage as GenaiUsage
+
+    return GenaiUsage(input_tokens=usage.prompt_tokens,
+                      cache_read_tokens=min(usage.cached_tokens, usage.prompt_tokens),
+                      output_tokens=usage.completion_tokens,
+                      output_reasoning_tokens=min(usage.reasoning_tokens,
+                                                  usage.completion_tokens))
+
+
+def _figure(value: float) -> str:
+    """A price without float noise: 0.15, 2.5, 0.075."""
+    return f"{value:.6f}".rstrip("0").rstrip(".") if math.isfinite(value) else str(value)

@@ -46,8 +46,8 @@ class RunStats:
     rate_limited: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    batch_tokens: tuple[int, int] = (0, 0)
-    """The part of the prompt and completion tokens answered by a Batch API (half price)."""
+    cost_usd: float = 0.0  # of the rows with a known cost
+    retries: int = 0  # requests beyond each row's first
     started: float = field(default_factory=time.monotonic)
     error_classes: dict[str, ErrorClass] = field(default_factory=dict)
 
@@ -60,7 +60,7 @@ class RunStats:
             self.truncated += result.finish_reason == "length"
         else:
             self.errors += 1
-            name = error_class or "an unclassified error"
+            name = error_class or result.error_class or "an unclassified error"
             known = self.error_classes.get(name)
             if known is None:
                 self.error_classes[name] = ErrorClass(1, position, result.error or "")
@@ -68,6 +68,8 @@ class RunStats:
                 known.count += 1
         self.prompt_tokens += result.prompt_tokens or 0
         self.completion_tokens += result.completion_tokens or 0
+        self.cost_usd += result.cost_usd or 0.0
+        self.retries += max(0, result.attempts - 1)
 
     @property
     def finished(self) -> int:

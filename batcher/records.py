@@ -27,6 +27,12 @@ class RowResult:
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
     refusal: str | None = None
+    # ... then what batcher adds: the row's cost at the run's price (None: no
+    # price known, or the server sent no usage), the kind of failure, and
+    # when the outcome was recorded (Unix time, seconds).
+    cost_usd: float | None = None
+    error_class: str | None = None
+    finished_at: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -36,7 +42,7 @@ class RowResult:
         return asdict(self)
 
     @classmethod
-    def failed(cls, reason: str, attempts: int) -> RowResult:
+    def failed(cls, reason: str, attempts: int, error_class: str | None = None) -> RowResult:
         return cls(
             reply=None,
             finish_reason=None,
@@ -47,6 +53,7 @@ class RowResult:
             error=reason,
             attempts=attempts,
             latency_s=None,
+            error_class=error_class,
         )
 
 
@@ -55,4 +62,4 @@ INTEGER_COLUMNS = frozenset(
     {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
      "attempts"}
 )
-FLOAT_COLUMNS = frozenset({"latency_s"})
+FLOAT_COLUMNS = frozenset({"latency_s", "cost_usd", "finished_at"})

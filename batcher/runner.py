@@ -30,15 +30,19 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batcher.checkpoint import Checkpoint
-from batcher.errors import ApiError, BatcherError, Interrupted, RunAborted
+from batcher.budget import Budget
+from batcher.checkpoint import Checkpoint, read_journal
+from batcher.config import Job
+from batcher.errors import ApiError, BatcherError, BudgetReached, Interrupted, RunAborted
 from batcher.finish import write_results_file
 from batcher.limits import Clock, RateLimiter, Sleep
 from batcher.pipeline import RowRequest, Sender, Sending, attempt_row, row_request
 from batcher.preflight import Prepared, prepare
+from batcher.pricing import NoPrice, Price
 from batcher.progress import INPUT_ERROR_CLASS, Progress, RunStats
 from batcher.records import RowResult
 from batcher.retry import FailureStreak
+from batcher.tally import Tally
 
 __all__ = ["Run", "RunControl", "RunOptions", "RunReport", "Runtime", "SenderFactory",
            "prepare"]  # prepare: where every run starts, kept importable from here
@@ -95,6 +99,8 @@ class RunReport:
     rows: int
     failed_rows: int
     results_path: Path | None
+    tally: Tally = field(default_factory=Tally)  # every row of the results
+    price: Price | NoPrice | None = None  # what the rows cost at (None: not resolved)
     pending: str | None = None
     results_rewritten: bool = True  # False: nothing changed, the file was left alone
 
@@ -108,6 +114,7 @@ class Runtime:
     """The injectable parts: time and randomness."""
 
     clock: Clock = time.monotonic
+    wall: Callable[[], float] = time.time  # when a row finished, as recorded
     sleep: Sleep = asyncio.sleep
     rng: random.Random = field(default_factory=random.Random)
 
@@ -133,6 +140,7 @@ class Run:
         self._stop_signal: int | None = None
         self._stop_event: asyncio.Event | None = None
         self._work_future: asyncio.Future[None] | None = None
+        self._budget = _budget(self.job, checkpoint)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -147,6 +155,8 @@ class Run:
             with self._signals_handled():
                 await self._dispatch()
                 self._progress.close()
+                if self._budget is not None and self._budget.reached:
+                    raise self._budget_reached()
                 written = write_results_file(self.prepared, self._checkpoint)
                 # A signal during that synchronous write is queued on the loop's
                 # wakeup pipe. Three loop turns deliver it to request_stop: one
@@ -160,7 +170,8 @@ class Run:
         finally:
             self._progress.close()
         return RunReport(self.stats, written.rows, written.failed_rows, written.path,
-                         results_rewritten=written.rewritten)
+                         results_rewritten=written.rewritten, tally=written.tally,
+                         price=self.prepared.online_price)
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop sending new requests; a second request cancels in-flight ones too."""
@@ -175,6 +186,28 @@ class Run:
     @property
     def _stopping(self) -> bool:
         return self._stop_event is not None and self._stop_event.is_set()
+
+    @property
+    def _halted(self) -> bool:
+        """Stopping, or out of budget: either way nothing more is sent."""
+        return self._stopping or (self._budget is not None and self._budget.reached)
+
+    def _budget_reached(self) -> BudgetReached:
+        assert self._budget is not None
+        budget, limits = self._budget, self.job.limits
+        spent = []
+        if limits.max_cost_usd is not None:
+            spent.append(f"${budget.spent_usd:,.4f} spent of limits.max_cost_usd "
+                         f"${limits.max_cost_usd:,.4f}")
+        if limits.max_total_tokens is not None:
+            spent.append(f"{budget.spent_tokens:,} tokens of limits.max_total_tokens "
+                         f"{limits.max_total_tokens:,}")
+        done = self._checkpoint.count_done(0, self.prepared.row_count)
+        return BudgetReached(
+            f"budget reached before the next request: {'; '.join(spent)} (by every run of "
+            f"this job); {done:,} of {self.prepared.row_count:,} rows done, the checkpoint is "
+            "kept. Raise the limit in the job and run the same command again to go on; "
+            "answered rows are not sent again")
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -219,8 +252,11 @@ class Run:
                               self.job.limits.tokens_per_minute, runtime.clock, runtime.sleep)
         try:
             async with (self._senders(concurrency) as sender, asyncio.TaskGroup() as group):
+                price = self.prepared.online_price
                 sending = Sending.for_job(self.job, sender, limiter, self.stats, runtime.sleep,
-                                          runtime.rng, stopping=lambda: self._stopping)
+                                          runtime.rng, stopping=lambda: self._halted,
+                                          price=price if isinstance(price, Price) else None,
+                                          budget=self._budget)
                 group.create_task(self._produce(queue, concurrency))
                 for _ in range(concurrency):
                     group.create_task(self._work(queue, sending))
@@ -230,7 +266,7 @@ class Run:
 
     async def _produce(self, queue: asyncio.Queue[RowRequest | None], workers: int) -> None:
         for row in self.prepared.unfinished_rows(self._checkpoint):
-            if self._stopping:
+            if self._halted:
                 break  # stop reading the input too, not just sending
             request = row_request(row, self.job)
             if isinstance(request, RowResult):
@@ -244,7 +280,7 @@ class Run:
 
     async def _work(self, queue: asyncio.Queue[RowRequest | None], sending: Sending) -> None:
         while (request := await queue.get()) is not _DONE:
-            if self._stopping:
+            if self._halted:
                 continue  # drain without sending: the next run picks these rows up
             outcome = await attempt_row(request, sending)
             if outcome is None:
@@ -258,6 +294,7 @@ class Run:
                     "checkpoint is kept (retry.stop_after_identical_failures sets the count)")
 
     def _journal(self, position: int, result: RowResult, failure: ApiError | None) -> None:
+        result.finished_at = round(self._runtime.wall(), 3)
         self._checkpoint.append(position, result)
         assert self._progress is not None
         self._progress.update(position, result, failure.signature if failure else None)
@@ -280,6 +317,20 @@ class Run:
         finally:
             for signum in installed:
                 loop.remove_signal_handler(signum)
+
+
+def _budget(job: Job, checkpoint: Checkpoint) -> Budget | None:
+    """The job's budget, less what earlier runs of it spent (read from the checkpoint)."""
+    limits = job.limits
+    if limits.max_cost_usd is None and limits.max_total_tokens is None:
+        return None
+    spent_usd, spent_tokens = 0.0, 0
+    _, records = read_journal(checkpoint.path)
+    for record in records:
+        spent_usd += record.get("cost_usd") or 0.0
+        spent_tokens += record.get("total_tokens") or 0
+    return Budget(limits.max_cost_usd, limits.max_total_tokens, spent_usd=spent_usd,
+                  spent_tokens=spent_tokens)
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:

@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+import glob
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import orjson
+
 from batcher.config import Job
-from batcher.pricing import price_for
+from batcher.pricing import NoPrice, Price
 from batcher.runner import RunReport
+
+SCHEMA_VERSION = 1
+SUMMARY_SUFFIX = ".summary.json"
+
+
+def summary_path(results: Path) -> Path:
+    """Where a run's JSON summary goes: beside its results, ``NAME.summary.json``."""
+    return results.with_name(results.stem + SUMMARY_SUFFIX)
+
+
+def summarize_run(job: Job, report: RunReport, elapsed_s: float) -> Summary:
+    """The run's summary, also written as JSON beside its results (atomically;
+    a summary that cannot be written is not worth failing a finished run)."""
+    summary = Summary.of(job, report, elapsed_s)
+    if report.results_path is not None:
+        target = summary_path(report.results_path)
+        temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            # Each run writes its own temp (named by pid): others are leftovers of
+            # runs killed while writing.
+            for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            temp.write_bytes(orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
+            temp.replace(target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+    return summary
 
 
 @dataclass(frozen=True)
@@ -17,10 +51,15 @@ class Summary:
     ``rows``, ``ok`` and ``errors`` count every row of the results, those
     taken from the checkpoint included. ``requests``, the token counts and
     ``cost_usd`` cover what *this run* sent: rows already in the checkpoint
-    cost nothing again; answers from the Batch API count at half the list
-    price. ``cost_usd`` is None when the model's list price is unknown; with
-    ``simulated`` (the built-in mock server) it is what the same tokens would
-    cost.
+    cost nothing again; rows answered by a Batch API cost its price.
+    ``cost_usd`` is None when the model's price is unknown (``cost_note``
+    says why); with ``simulated`` (the built-in mock server) it is what the
+    same tokens would cost.
+
+    The fields after ``simulated`` describe every row of the results
+    (``tokens``, ``total_cost_usd``, ``errors_by_class``, ``latency_s``) or
+    the run's pace; :meth:`to_json` is the documented, versioned shape that
+    ``batcher run --json`` prints and ``NAME.summary.json`` holds.
 
     >>> print(frame.attrs["batcher"]["ok"])         # doctest: +SKIP
     20
@@ -41,22 +80,46 @@ class Summary:
     # How this run's failed rows failed: a line per kind with its count and first example.
     failures: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()  # what a run that "worked" may still have got wrong
+    job: str = ""
+    results_path: str | None = None
+    errors_by_class: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)  # by kind, every row
+    total_cost_usd: float | None = None  # every row of the results
+    unpriced_rows: int = 0  # answered rows without a cost
+    price: str | None = None  # the price used, and where it comes from
+    cost_note: str | None = None  # why a cost is unknown or partial
+    latency_s: dict[str, float | None] = field(default_factory=dict)
+    retries: int = 0
+    requests_per_minute: float = 0.0
+    requests_per_minute_limit: float | None = None
 
     @classmethod
     def of(cls, job: Job, report: RunReport, elapsed_s: float) -> Summary:
-        stats = report.stats
-        price = price_for(job.model)
-        # Batch answers cost half the list price (the Batch API's discount).
-        cost = None if price is None else round(
-            price.cost(stats.prompt_tokens, stats.completion_tokens)
-            - price.cost(*stats.batch_tokens) / 2, 6)
+        stats, tally, price = report.stats, report.tally, report.price
+        known = isinstance(price, Price)
+        note = None
+        if isinstance(price, NoPrice):
+            note = price.reason
+        elif tally.unpriced_rows:
+            note = (f"{tally.unpriced_rows:,} answered rows without a cost (no usage in the "
+                    "reply, or answered before costs were recorded)")
         return cls(
             model=job.model, rows=report.rows, ok=report.rows - report.failed_rows,
             errors=report.failed_rows, from_checkpoint=stats.already_done,
             requests=stats.requests, rate_limited=stats.rate_limited,
             prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-            cost_usd=cost, elapsed_s=round(elapsed_s, 3),
-            simulated=job.endpoint.mock is not None,
+            cost_usd=round(stats.cost_usd, 6) if known else None,
+            elapsed_s=round(elapsed_s, 3), simulated=job.endpoint.mock is not None,
+            job=job.name,
+            results_path=None if report.results_path is None else str(report.results_path),
+            errors_by_class=tally.errors_by_class(), tokens=tally.tokens(),
+            total_cost_usd=round(tally.cost_usd, 6) if known else None,
+            unpriced_rows=tally.unpriced_rows if known else tally.ok,
+            price=price.describe() if isinstance(price, Price) else None, cost_note=note,
+            latency_s=tally.latency_percentiles(), retries=stats.retries,
+            requests_per_minute=round(stats.requests * 60 / elapsed_s, 1) if elapsed_s > 0
+            else 0.0,
+            requests_per_minute_limit=job.limits.requests_per_minute,
             failures=tuple(stats.error_lines()), warnings=tuple(stats.warnings()))
 
     @property
@@ -77,9 +140,37 @@ class Summary:
         return ([str(self)] + [f"failed: {line}" for line in self.failures]
                 + [f"warning: {line}" for line in self.warnings])
 
+    def to_json(self) -> dict[str, Any]:
+        """The machine-readable summary (README: "Run summary"); its keys are
+        stable within a ``schema_version``."""
+        limit = self.requests_per_minute_limit
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "job": self.job,
+            "model": self.model,
+            "simulated": self.simulated,
+            "exit_code": self.exit_code,
+            "results_path": self.results_path,
+            "rows": {"total": self.rows, "ok": self.ok, "error": self.errors,
+                     "from_checkpoint": self.from_checkpoint,
+                     "errors_by_class": self.errors_by_class},
+            "tokens": self.tokens,
+            "cost": {"usd": self.total_cost_usd, "this_run_usd": self.cost_usd,
+                     "unpriced_rows": self.unpriced_rows, "price": self.price,
+                     "note": self.cost_note},
+            "latency_s": self.latency_s,
+            "warnings": list(self.warnings),
+            "run": {"elapsed_s": self.elapsed_s, "requests": self.requests,
+                    "retries": self.retries, "rate_limited": self.rate_limited,
+                    "requests_per_minute": self.requests_per_minute,
+                    "requests_per_minute_limit": limit,
+                    "utilization": round(self.requests_per_minute / limit, 3) if limit
+                    else None},
+        }
+
     def __str__(self) -> str:
-        cost = "" if self.cost_usd is None else (
-            f", ${self.cost_usd:,.4f} at {self.model}'s price")
+        cost = (f", cost unknown ({self.cost_note})" if self.cost_usd is None
+                else f", ${self.cost_usd:,.4f} at {self.model}'s price")
         return (f"{_count(self.rows, 'row')}: {self.ok} ok, {_count(self.errors, 'error')} "
                 f"({self.from_checkpoint} from the checkpoint); this run: "
                 f"{_count(self.requests, 'request')} ({self.rate_limited} rate-limited), "

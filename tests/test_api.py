@@ -23,7 +23,7 @@ import batcher.api
 import batcher.api.bridge
 import batcher.runner
 from batcher.mock_server import MockServer, reply_for
-from batcher.pricing import price_for
+from batcher.pricing import Price, Usage, resolve_price
 from batcher.records import RESULT_COLUMNS
 
 KEY_ENV = "BATCHER_TEST_KEY"
@@ -105,10 +105,10 @@ def test_dataframe_in_dataframe_out(keyed_server: MockServer) -> None:
     assert summary["requests"] == 12 and summary["from_checkpoint"] == 0
     assert summary["prompt_tokens"] == int(out["prompt_tokens"].sum())
     assert summary["completion_tokens"] == int(out["completion_tokens"].sum())
-    price = price_for("gpt-4o-mini")
-    assert price is not None
+    price = resolve_price("gpt-4o-mini")
+    assert isinstance(price, Price)
     assert summary["cost_usd"] == pytest.approx(
-        price.cost(summary["prompt_tokens"], summary["completion_tokens"]))
+        price.cost(Usage(summary["prompt_tokens"], summary["completion_tokens"])))
     assert summary["elapsed_s"] > 0 and summary["simulated"] is False
     json.dumps(out.attrs)  # pandas' Parquet writer stores attrs as JSON: they must be plain
 

@@ -126,7 +126,7 @@ def test_dry_run_says_files_requests_and_batch_price(
     result = run(str(job), "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "12 requests in 3 batch files" in result.stdout
-    assert "Batch API price (half the list price)" in result.stdout
+    assert "Batch API price)" in result.stdout
     assert server.stats.snapshot()["requests_total"] == 0
 
 

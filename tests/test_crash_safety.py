@@ -79,7 +79,7 @@ def copy_journaled_job(journaled: Path, folder: Path) -> Path:
 
 KILL_ROWS = 240
 KILL_CONCURRENCY = 6
-TEMP_NAME = re.compile(r"^\.out\.parquet\..+\.tmp$")
+TEMP_NAME = re.compile(r"^\.out\.(parquet|summary\.json)\..+\.tmp$")
 
 
 def test_random_sigkills_then_one_more_run_lose_nothing_and_resend_only_in_flight(
@@ -97,7 +97,7 @@ def test_random_sigkills_then_one_more_run_lose_nothing_and_resend_only_in_fligh
     job = write_job(tmp_path / "job.yaml", job_dict(
         server.base_url, source, output, limits={"concurrency": KILL_CONCURRENCY}))
     expected_files = {"in.csv", "job.yaml", "out.parquet", "out.ckpt", "out.ckpt.lock",
-                      "out.ckpt.written"}
+                      "out.ckpt.written", "out.summary.json"}
 
     rng = random.Random(20240611)
     kills = end_kills = 0

@@ -15,7 +15,7 @@ from batcher.config import Job
 from batcher.errors import ConfigError, Interrupted
 from batcher.redact import printable
 from batcher.runner import RunOptions, RunReport
-from batcher.summary import Summary
+from batcher.summary import Summary, summarize_run
 
 KEY_ENV = "BATCHER_API_KEY"  # the name an ``api_key=`` is known by, in memory only
 
@@ -74,7 +74,7 @@ async def execute(job: Job, run_options: RunOptions, environ: Mapping[str, str] 
 
 def summarize(job: Job, report: RunReport, started: float, run_options: RunOptions) -> Summary:
     """The call's summary, shown on stderr unless progress is off."""
-    summary = Summary.of(job, report, time.monotonic() - started)
+    summary = summarize_run(job, report, time.monotonic() - started)
     if run_options.progress:
         print(printable(f"batcher: {summary}"), file=sys.stderr, flush=True)
     return summary

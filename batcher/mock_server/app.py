@@ -198,7 +198,8 @@ async def _chat(request: web.Request, deployment: str | None) -> web.Response:
         kind = None
 
     if kind is None:
-        reply = success_reply(call, model)
+        reply = success_reply(call, model, cached_tokens=config.cached_tokens,
+                              reasoning_tokens=config.reasoning_tokens)
     else:
         reply = render_fault(kind, call, model, config, sent_key)
     if reply.completion:

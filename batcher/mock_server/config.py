@@ -118,6 +118,10 @@ class MockConfig:
       ``upload_latency_s``, ``create_latency_s`` and ``download_latency_s``
       delay the answer to an upload, to a batch creation (the batch already
       exists while its creator waits) and to a file download.
+    * ``cached_tokens``: reported as cached in every successful reply's
+      ``usage.prompt_tokens_details`` (at most the prompt's tokens);
+      ``reasoning_tokens``: added to every reply's ``completion_tokens`` and
+      reported in ``completion_tokens_details``, as a reasoning model does.
     """
 
     host: str = "127.0.0.1"
@@ -140,13 +144,16 @@ class MockConfig:
     upload_latency_s: float = 0.0
     create_latency_s: float = 0.0
     download_latency_s: float = 0.0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_loopback(self.host)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"MockConfig.port: must be 0..65535, got {self.port}")
         for name in ("latency_s", "stall_s", "fault_retry_after_s", "batch_phase_s",
-                     "upload_latency_s", "create_latency_s", "download_latency_s"):
+                     "upload_latency_s", "create_latency_s", "download_latency_s",
+                     "cached_tokens", "reasoning_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MockConfig.{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("batch_file_max_bytes", "batch_max_requests"):

@@ -82,15 +82,17 @@ def invalid_key_body(sent: str | None, *, echo: bool) -> dict[str, Any]:
     )
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """``usage`` with the ``*_details`` objects OpenAI includes today."""
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+               reasoning_tokens: int = 0) -> dict[str, Any]:
+    """``usage`` with the ``*_details`` objects OpenAI includes today; cached
+    tokens are part of the prompt's, reasoning tokens part of the completion's."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0,
+            "reasoning_tokens": reasoning_tokens,
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,
@@ -106,6 +108,8 @@ def completion_body(
     *,
     refusal: str | None = None,
     with_usage: bool = True,
+    cached_tokens: int = 0,
+    reasoning_tokens: int = 0,
 ) -> dict[str, Any]:
     """A ``chat.completion`` with one choice per entry of ``contents``."""
     choices: list[dict[str, Any]] = [
@@ -130,15 +134,25 @@ def completion_body(
         "choices": choices,
     }
     if with_usage:
-        completion_tokens = sum(count_tokens(c or refusal or "") for c in contents)
-        body["usage"] = usage_body(prompt_tokens, completion_tokens)
+        completion_tokens = sum(count_tokens(c or refusal or "") + reasoning_tokens
+                                for c in contents)
+        body["usage"] = usage_body(prompt_tokens, completion_tokens,
+                                   min(cached_tokens, prompt_tokens),
+                                   reasoning_tokens * len(contents))
     body["service_tier"] = "default"
     body["system_fingerprint"] = SYSTEM_FINGERPRINT
     return body
 
 
-def success_reply(call: Call, model: str) -> Reply:
-    """The normal answer: ``n`` copies of :func:`reply_for`, cut at the request's token cap."""
-    text, cut = truncate_to_tokens(reply_for(call.prompt), call.max_tokens)
-    body = completion_body(model, call.prompt_tokens, [text] * call.n, "length" if cut else "stop")
+def success_reply(call: Call, model: str, *, cached_tokens: int = 0,
+                  reasoning_tokens: int = 0) -> Reply:
+    """The normal answer: ``n`` copies of :func:`reply_for`, cut at the request's token
+    cap, which (as OpenAI's does) covers reasoning and visible tokens together."""
+    cap = call.max_tokens
+    if cap is not None:
+        reasoning_tokens = min(reasoning_tokens, cap)
+        cap -= reasoning_tokens
+    text, cut = truncate_to_tokens(reply_for(call.prompt), cap)
+    body = completion_body(model, call.prompt_tokens, [text] * call.n, "length" if cut else "stop",
+                           cached_tokens=cached_tokens, reasoning_tokens=reasoning_tokens)
     return Reply(200, body, completion=True)
