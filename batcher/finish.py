@@ -39,6 +39,7 @@ from batcher.records import STATUS_ERROR, STATUS_OK, RowResult
 from batcher.tally import Tally
 
 _TALLY_CHUNK = 65_536  # rows read back from the journal at a time
+_INPUT_ERROR = {"status": STATUS_ERROR, "error_class": INPUT_ERROR_CLASS}
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,7 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
             failed += sum(1 for record in records
                           if record is None or record["status"] != STATUS_OK)
             for offset, record in enumerate(records):
-                tally.add(record if record is not None else {"i": position + offset,
-                                                             **NO_OUTCOME})
+                tally.add(position + offset, NO_OUTCOME if record is None else record)
             typed = typed_columns(batch, prepared.output_schema)
             yield attach_results(typed, records, schema)
             position += batch.num_rows
@@ -97,8 +97,7 @@ def _tally_journal(checkpoint: Checkpoint, rows: int) -> Tally:
     for start in range(0, rows, _TALLY_CHUNK):
         records = checkpoint.read(start, min(rows, start + _TALLY_CHUNK))
         for offset, record in enumerate(records):
-            tally.add(record if record is not None else {
-                "i": start + offset, "status": STATUS_ERROR, "error_class": INPUT_ERROR_CLASS})
+            tally.add(start + offset, _INPUT_ERROR if record is None else record)
     return tally
 
 

@@ -84,7 +84,7 @@ def job_status(job: Job, *, now: float | None = None) -> JobStatus:
     fingerprint, records = read_journal(path)
     tally = Tally()
     for record in records:
-        tally.add(record)
+        tally.add(record["i"], record)
     note = None
     if fingerprint != prepared.fingerprint:
         note = ("the checkpoint was made by a different version of the job (the input, model, "

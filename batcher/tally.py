@@ -1,7 +1,7 @@
-"""Totals over row outcomes: what the summary, ``batcher status`` and the budget count.
+"""Totals over row outcomes: what the run summary and ``batcher status`` count.
 
-Fed one journal record (a dict of :class:`batcher.records.RowResult` fields
-plus ``"i"``, the row's position) at a time, in journal order: an ``ok`` row
+Fed one row's record (a dict of :class:`batcher.records.RowResult` fields)
+and its position at a time, in journal order: an ``ok`` row
 is final (it is never sent again), an ``error`` row counts until a later
 record of the same row replaces it. Memory is a few numbers per ``ok`` row
 (latency, finish time) and a small entry per row currently in error.
@@ -35,8 +35,8 @@ class Tally:
     finished_at: array[float] = field(default_factory=lambda: array("d"))
     _errors: dict[int, str] = field(default_factory=dict)
 
-    def add(self, record: Mapping[str, Any]) -> None:
-        position = int(record["i"])
+    def add(self, position: int, record: Mapping[str, Any]) -> None:
+        """Count row ``position``'s outcome (a later one of the same row replaces it)."""
         if record.get("status") != STATUS_OK:
             self._errors[position] = record.get("error_class") or "error"
             return
