@@ -385,7 +385,7 @@ def read_journal(path: Path) -> tuple[str, Iterator[dict[str, Any]]]:
         raise CheckpointError(f"{path}: no checkpoint yet (the job has not run)") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from None
-    header_line = _read_first_line(fd)
+    header_line = _read_first_line(fd, _MAX_HEADER)
     header: Any = None
     if header_line is not None:
         with contextlib.suppress(orjson.JSONDecodeError):
@@ -418,7 +418,7 @@ def run_in_progress(path: Path) -> bool | None:
     """Whether a run holds this checkpoint's lock, read from ``/proc/locks``
     without touching the lock (None where that file does not exist)."""
     try:
-        info = path.with_name(path.name + ".lock").stat()
+        info = lock_path_for(path).stat()
         table = Path("/proc/locks").read_text(encoding="ascii")
     except FileNotFoundError:
         return False if Path("/proc/locks").exists() else None
