@@ -79,7 +79,7 @@ def run_one(folder: Path, source: Path, rows: int, mode: str, tail: int) -> Meas
               f"({sent:,} rows to send)", flush=True)
         run = process.start().wait(timeout_s=180 + sent / 200 + rows / 5000)
     print(f"[{mode} {rows:,}] {summary_line(run)}", flush=True)
-    if f"{sent} requests" not in run.stderr:
+    if f"this run: {sent:,} request" not in run.stderr:  # the summary line's count
         raise BenchError(f"{mode} {rows}: expected {sent} requests; batcher said "
                          f"{summary_line(run)}")
     return Measurement(mode, rows, sent, run.usage, summary_line(run))
