@@ -2,8 +2,9 @@
 
 One command does the whole cycle and is safe to repeat, from cron or by hand:
 
-1. **Plan.** Rows that are not ``ok`` in the checkpoint and not in a batch of
-   this cycle become request lines (``custom_id`` is the row's key), cut into
+1. **Plan.** Rows whose request has no ``ok`` answer in the checkpoint and is
+   not in a batch of this cycle become request lines (``custom_id`` is the
+   row's position and request key, ``batcher.keys``), cut into
    shard files within the service's limits. Each shard is written whole and
    then recorded in the state file before anything is uploaded.
 2. **Submit.** For each recorded shard without a batch id, the service's
@@ -14,7 +15,8 @@ One command does the whole cycle and is safe to repeat, from cron or by hand:
 3. **Poll.** Without ``--wait`` the command says what is running and exits 0;
    the next run polls. A batch that ends (completed, expired, cancelled or
    failed) is downloaded and reconciled line by line against its shard: every
-   row gets exactly one outcome in the checkpoint, or is left unfinished
+   request gets exactly one outcome in the checkpoint, stored under its key
+   (so the input may change while batches run), or is left unfinished
    (expired) for the next round. Only then is the batch marked collected, so
    a kill during a download just downloads again.
 4. **Finish.** When no batch is open: with ``fallback: online`` every row
@@ -33,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import os
 import signal
 import time
@@ -44,7 +45,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import orjson
 
 from batcher.batchfile import Shard, ShardWriter, reconcile, request_line, shard_ids
@@ -52,6 +52,7 @@ from batcher.checkpoint import Checkpoint
 from batcher.client import BatchClient, ChatClient, Endpoint
 from batcher.errors import ApiError, CheckpointError, Interrupted, OutputError, RunAborted, Verdict
 from batcher.finish import write_results_file
+from batcher.keys import shared_digest
 from batcher.pipeline import Sender, row_cost, row_request
 from batcher.preflight import Prepared
 from batcher.pricing import Price
@@ -62,7 +63,7 @@ from batcher.retry import RetryPolicy
 from batcher.runner import Run, RunOptions, RunReport, Runtime
 
 T = TypeVar("T")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: custom ids carry request keys, not request digests
 FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
 PLANNED, COLLECTED = "planned", "collected"
 LIST_MARGIN_S = 600.0
@@ -76,13 +77,18 @@ def work_folder(checkpoint_path: Path) -> Path:
     return checkpoint_path.with_name(checkpoint_path.name + ".batch")
 
 
-def custom_id(position: int, body: bytes) -> str:
-    """The row's key in a batch: its position and a digest of its request."""
-    return f"{position}-{hashlib.blake2b(body, digest_size=8).hexdigest()}"
+def custom_id(position: int, key: bytes) -> str:
+    """The row's name in a batch: its position when planned (for people reading
+    the files) and its request key (what its answer is stored under)."""
+    return f"{position}-{key.hex()}"
 
 
-def position_of(key: str) -> int:
-    return int(key.split("-", 1)[0])
+def position_of(name: str) -> int:
+    return int(name.split("-", 1)[0])
+
+
+def key_of(name: str) -> bytes:
+    return bytes.fromhex(name.split("-", 1)[1])
 
 
 # -- state --------------------------------------------------------------------------------
@@ -100,7 +106,7 @@ class ShardRecord:
     batch_id: str | None = None
     created_at: float | None = None
     status: str = PLANNED  # the service's status, then collected
-    unfinished: list[int] = field(default_factory=list)  # rows to send again (expired)
+    unfinished: list[str] = field(default_factory=list)  # custom ids to send again (expired)
 
     @property
     def open(self) -> bool:
@@ -110,10 +116,9 @@ class ShardRecord:
 class BatchState:
     """The cycle's shards, saved atomically to ``state.json`` after every change."""
 
-    def __init__(self, folder: Path, fingerprint: str, job_name: str,
+    def __init__(self, folder: Path, job_name: str,
                  shards: list[ShardRecord] | None = None) -> None:
         self.folder = folder
-        self.fingerprint = fingerprint
         self.job_name = job_name
         self.shards = shards or []
 
@@ -122,26 +127,28 @@ class BatchState:
         return self.folder / "state.json"
 
     @classmethod
-    def load(cls, folder: Path, fingerprint: str, job_name: str) -> BatchState:
+    def load(cls, folder: Path, job_name: str) -> BatchState:
         path = folder / "state.json"
         try:
             data = orjson.loads(path.read_bytes())
         except FileNotFoundError:
-            return cls(folder, fingerprint, job_name)
+            return cls(folder, job_name)
         except (OSError, orjson.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: cannot read the batch state ({exc}); batches "
                                   "may still run at the service, so look there before "
                                   "running with --fresh") from None
-        if data.get("version") != STATE_VERSION or data.get("fingerprint") != fingerprint:
-            raise CheckpointError(f"{path}: batches were submitted for a different job or "
-                                  "input; run with --fresh to forget them (they still run "
-                                  "and are billed at the service)")
+        # Requests are named by their keys, so batches of an earlier version of the job
+        # or its input are still collected: each answer goes to the rows with its key.
+        if data.get("version") != STATE_VERSION:
+            raise CheckpointError(f"{path}: batches were submitted by an older batcher; "
+                                  "collect them with that version, or run with --fresh to "
+                                  "forget them (they still run and are billed at the service)")
         shards = [ShardRecord(**shard) for shard in data.get("shards", [])]
-        return cls(folder, fingerprint, job_name, shards)
+        return cls(folder, job_name, shards)
 
     def save(self) -> None:
-        data = {"version": STATE_VERSION, "fingerprint": self.fingerprint,
-                "job": self.job_name, "shards": [asdict(shard) for shard in self.shards]}
+        data = {"version": STATE_VERSION, "job": self.job_name,
+                "shards": [asdict(shard) for shard in self.shards]}
         temp = self.path.with_name(f".state.{os.getpid()}.tmp")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -183,7 +190,7 @@ def forget_state(checkpoint_path: Path) -> int:
         data = orjson.loads(path.read_bytes())
         still_open = sum(1 for shard in data.get("shards", [])
                          if ShardRecord(**shard).open and shard.get("batch_id"))
-    BatchState(folder, "", "").discard()
+    BatchState(folder, "").discard()
     return still_open
 
 
@@ -208,12 +215,13 @@ def plan_shards(prepared: Prepared, checkpoint: Checkpoint | None) -> BatchPlan:
     job = prepared.job
     spec = job.batch
     requests = shards = lines = size = 0
-    for row in prepared.unfinished_rows(checkpoint):
-        request = row_request(row, job)
+    renderer = prepared.renderer()
+    for row in (row for plan in prepared.plans(checkpoint, renderer) for row in plan.pending):
+        request = row_request(row, job, renderer)
         if isinstance(request, RowResult):
             continue
         body = request.body
-        length = len(request_line(custom_id(row.position, body), body))
+        length = len(request_line(custom_id(row.position, row.key), body))
         if length > spec.max_bytes_per_file:
             continue
         if starts_new_shard(lines, size, length, spec.max_requests_per_file,
@@ -248,11 +256,11 @@ class BatchRun:
         self._wall = wall
         self._policy = RetryPolicy(self.job.retry.max_attempts, self.job.retry.base_delay_s,
                                    self.job.retry.max_delay_s)
-        self.stats = RunStats(total_rows=prepared.row_count,
-                              already_done=checkpoint.count_done(0, prepared.row_count))
+        self.stats = RunStats(total_rows=prepared.row_count)
+        self.stats.reused = prepared.row_count - sum(
+            len(plan.pending) for plan in prepared.plans(checkpoint))
         self.kinds: Counter[str] = Counter()
-        self._state = BatchState.load(work_folder(checkpoint.path), prepared.fingerprint,
-                                      self.job.name)
+        self._state = BatchState.load(work_folder(checkpoint.path), self.job.name)
 
     async def execute(self) -> RunReport:
         """Submit, poll, collect; finish the results when every batch is done."""
@@ -307,21 +315,17 @@ class BatchRun:
     def _plan(self) -> bool:
         """Write shard files for the rows no batch of this cycle holds; True if any."""
         state = self._state
-        claimed = np.zeros(self.prepared.row_count, dtype=bool)
+        # Requests in a batch of this cycle, by key (the ones it left unfinished
+        # are free again): not planned twice.
+        claimed: set[str] = set()
         for shard in state.shards:
-            positions = [position_of(key) for key in shard_ids(state.folder / shard.file)]
-            # An earlier run without --limit may have submitted rows beyond this one's.
-            size = max([len(claimed), *(p + 1 for p in positions), *(
-                p + 1 for p in shard.unfinished)])
-            if size > len(claimed):
-                claimed = np.concatenate([claimed, np.zeros(size - len(claimed), dtype=bool)])
-            claimed[positions] = True
-            if shard.status == COLLECTED and shard.unfinished:
-                claimed[shard.unfinished] = False
+            claimed.update(name.split("-", 1)[1] for name in shard_ids(state.folder / shard.file))
+            if shard.status == COLLECTED:
+                claimed.difference_update(name.split("-", 1)[1] for name in shard.unfinished)
         self._remove_strays()
         job = self.job
         spec = self._spec
-        salt = f"{self.prepared.fingerprint}:{os.urandom(8).hex()}"
+        salt = f"{shared_digest(job).hex()}:{os.urandom(8).hex()}"
         writer = ShardWriter(state.folder, salt, spec.max_requests_per_file,
                              spec.max_bytes_per_file)
         planned_at = self._wall()
@@ -334,24 +338,26 @@ class BatchRun:
                                             len(shard.custom_ids), planned_at))
             state.save()
 
+        self._checkpoint.refresh()  # answers collected by this run count as answered
+        renderer = self.prepared.renderer()
         try:
-            for row in self.prepared.unfinished_rows(self._checkpoint):
-                if claimed[row.position]:
-                    continue
-                request = row_request(row, job)
-                if isinstance(request, RowResult):
-                    # The input's fault: counted, never journaled (see batcher.finish).
-                    self.stats.record(row.position, request, INPUT_ERROR_CLASS)
-                    continue
-                body = request.body
-                key = custom_id(row.position, body)
-                line = request_line(key, body)
-                if not writer.fits(line):
-                    self._record(row.position, RowResult.failed(
-                        f"the request ({len(line):,} bytes) is larger than "
-                        "batch.max_bytes_per_file", 0, "batch request too large"))
-                    continue
-                record(writer.add(key, line))
+            for plan in self.prepared.plans(self._checkpoint, renderer):
+                for row in plan.pending:
+                    if row.key.hex() in claimed:
+                        continue
+                    request = row_request(row, job, renderer)
+                    if isinstance(request, RowResult):
+                        # The input's fault: counted, never stored (see batcher.finish).
+                        self.stats.record(row.position, request, INPUT_ERROR_CLASS)
+                        continue
+                    name = custom_id(row.position, row.key)
+                    line = request_line(name, request.body)
+                    if not writer.fits(line):
+                        self._record(name, RowResult.failed(
+                            f"the request ({len(line):,} bytes) is larger than "
+                            "batch.max_bytes_per_file", 0, "batch request too large"))
+                        continue
+                    record(writer.add(name, line))
             record(writer.close())
         finally:
             writer.discard()
@@ -528,13 +534,13 @@ class BatchRun:
         submitted = shard_ids(state.folder / shard.file)
         outcome = reconcile(submitted, _lines(files), status,
                             problems if isinstance(problems, list) else [])
-        unfinished: list[int] = []
-        for key, line in outcome.outcomes.items():
+        unfinished: list[str] = []
+        for name, line in outcome.outcomes.items():
             if line.result is None:
-                unfinished.append(position_of(key))
+                unfinished.append(name)
             else:
                 self.stats.requests += 1
-                self._record(position_of(key), line.result)
+                self._record(name, line.result)
         self.kinds.update(outcome.counts)
         shard.unfinished = unfinished
         shard.status = COLLECTED
@@ -554,20 +560,22 @@ class BatchRun:
             self._say(f"batch {shard.batch_id}: reported completed, but no request in it "
                       "succeeded")
 
-    def _record(self, position: int, result: RowResult) -> None:
+    def _record(self, name: str, result: RowResult) -> None:
         price = self.prepared.price
         result.cost_usd = row_cost(price if isinstance(price, Price) else None,
                                    result.prompt_tokens, result.completion_tokens,
                                    result.cached_tokens, result.reasoning_tokens)
         result.finished_at = round(self._runtime.wall(), 3)
-        self._checkpoint.append(position, result)
+        position = position_of(name)
+        self._checkpoint.append([(key_of(name), position)], result)
         self.stats.record(position, result, "a failed batch line")
 
     # -- finish -----------------------------------------------------------------------------
 
     async def _finish(self, chat: ChatClient) -> RunReport:
         prepared = self.prepared
-        missing = prepared.row_count - self._checkpoint.count_done(0, prepared.row_count)
+        self._checkpoint.refresh()
+        missing = sum(len(plan.pending) for plan in prepared.plans(self._checkpoint))
         if self._spec.fallback == "online" and missing:
             self._say(f"sending {_count(missing, 'row')} online (batch.fallback: online)")
 
@@ -579,14 +587,14 @@ class BatchRun:
             online = Run(prepared, same_session, self._checkpoint, self._options, self._runtime)
             report = await online.execute()
             stats = report.stats
-            stats.already_done = self.stats.already_done
+            stats.reused = self.stats.reused
             stats.ok += self.stats.ok  # batch errors were sent again online: not counted
             stats.requests += self.stats.requests
             stats.prompt_tokens += self.stats.prompt_tokens
             stats.completion_tokens += self.stats.completion_tokens
             stats.cost_usd += self.stats.cost_usd  # batch answers, at the batch price
             return report
-        written = write_results_file(prepared, self._checkpoint)
+        written = write_results_file(prepared, self._checkpoint)  # sources: reused or sent
         return RunReport(self.stats, written.rows, written.failed_rows, written.path,
                          results_rewritten=written.rewritten, tally=written.tally,
                          price=prepared.price)

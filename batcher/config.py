@@ -257,6 +257,9 @@ class Job(_Spec):
     mode: Literal["online", "batch"] = "online"
     batch: BatchSpec = BatchSpec()
     pricing: PricingSpec | None = None
+    # Identical requests under different ids: each sent (default; with sampling
+    # each row gets its own answer) or sent once with the answer shared.
+    duplicates: Literal["each", "share"] = "each"
 
     @model_validator(mode="after")
     def _consistent(self) -> Job:

@@ -1,19 +1,21 @@
 """The last step of a run: the results file, in input order, from the checkpoint.
 
 Only when every row has an outcome are the input's batches read again and
-each joined with its rows' journal records, one batch at a time, so a
-million-row results file never needs the whole input or journal in memory.
+each joined with its rows' stored answers (found by their request keys),
+one batch at a time, so a million-row results file never needs the whole
+input or store in memory.
 
 Rows that could not be sent because of their input (an empty prompt) are
-not journaled: the input is at fault, not the server, so each run renders
+not stored: the input is at fault, not the server, so each run renders
 them again and the checkpoint does not grow night after night. Their
 results row is rebuilt here from the same rendering.
 
 A run that changed nothing leaves an up-to-date results file alone: a
 stamp beside the checkpoint (``out.ckpt.written``) records what the file
-was written from (the job, the input's bytes, the journal's length) and the
+was written from (the job, the input's bytes, the store's length) and the
 file as written (size, time, inode), so a changed input, a new answer or a
-results file replaced by hand is written again. A ``--limit`` sample never
+results file replaced by hand is written again. (Its ``source`` column then
+tells where the answers came from in the run that wrote it.) A ``--limit`` sample never
 replaces a results file: when one is there, the sample goes beside it
 (``out.limit-5.csv``).
 """
@@ -21,24 +23,35 @@ replaces a results file: when one is there, the sample goes beside it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 
 from batcher.checkpoint import Checkpoint
 from batcher.inputs import typed_columns
+from batcher.keys import request_identity
 from batcher.outputs import NO_OUTCOME, attach_results, results_schema, write_results
+from batcher.pipeline import batch_keys
 from batcher.preflight import Prepared
 from batcher.progress import INPUT_ERROR_CLASS
 from batcher.prompts import PromptRenderer
-from batcher.records import STATUS_ERROR, STATUS_OK, RowResult
+from batcher.records import (
+    SOURCE_COLUMN,
+    SOURCE_REUSED,
+    SOURCE_SENT,
+    SOURCES,
+    STATUS_ERROR,
+    STATUS_OK,
+    RowResult,
+)
 from batcher.tally import Tally
 
-_TALLY_CHUNK = 65_536  # rows read back from the journal at a time
 _INPUT_ERROR = {"status": STATUS_ERROR, "error_class": INPUT_ERROR_CLASS}
 
 
@@ -51,35 +64,53 @@ class Written:
     tally: Tally = field(default_factory=Tally)  # every row of the results, for the summary
 
 
-def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
+def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
+                       keys: np.ndarray | None = None, sources: np.ndarray | None = None
+                       ) -> Written:
     """Write the job's results file atomically; count the rows that are not ``ok``
-    and tally every row for the summary."""
+    and tally every row for the summary.
+
+    ``keys`` holds each row's request key and ``sources`` each row's
+    ``batcher.records.SOURCES`` code, in input order, when the caller kept
+    them; otherwise the keys are made again from the input, and a row's
+    answer is ``reused`` when it was stored before this run opened the
+    checkpoint and ``sent`` when after.
+    """
     path = results_destination(prepared)
     stamp_path = checkpoint.path.with_name(checkpoint.path.name + ".written")
     stamp = _stamp(prepared, checkpoint)
+    renderer = prepared.renderer()
+    remade = batch_keys(prepared.batches(), prepared.job, renderer)
     if _read_stamp(stamp_path) == {**stamp, **_file_identity(path)}:
+        # The store did not grow since the file was written: nothing was sent now.
         rows = prepared.row_count
-        return Written(path, rows, rows - checkpoint.count_done(0, rows), rewritten=False,
-                       tally=_tally_journal(checkpoint, rows))
+        tally = _tally_store(checkpoint, remade)
+        return Written(path, rows, rows - tally.ok, rewritten=False, tally=tally)
     schema = results_schema(prepared.output_schema)
-    renderer = PromptRenderer(prepared.job.prompt)
     failed = 0
     tally = Tally()
+    sent, reused = SOURCES.index(SOURCE_SENT), SOURCES.index(SOURCE_REUSED)
 
     def batches() -> Iterator[pa.RecordBatch]:
         nonlocal failed
         position = 0
         for batch in prepared.batches():
-            records = checkpoint.read(position, position + batch.num_rows)
+            end = position + batch.num_rows
+            these = keys[position:end] if keys is not None else next(remade)
+            records = checkpoint.read(these)
             if None in records:
-                _fill_input_errors(records, batch, position, renderer)
-            failed += sum(1 for record in records
-                          if record is None or record["status"] != STATUS_OK)
-            for offset, record in enumerate(records):
+                _fill_input_errors(records, batch, renderer)
+            codes = (sources[position:end] if sources is not None
+                     else np.where(checkpoint.stored_before_run(these), reused, sent))
+            for offset, (record, code) in enumerate(zip(records, codes.tolist(), strict=True)):
+                if record is None or record["status"] != STATUS_OK:
+                    failed += 1
                 tally.add(position + offset, NO_OUTCOME if record is None else record)
+                if record is not None:
+                    record[SOURCE_COLUMN] = SOURCES[code]
             typed = typed_columns(batch, prepared.output_schema)
             yield attach_results(typed, records, schema)
-            position += batch.num_rows
+            position = end
 
     output = prepared.job.output
     assert output is not None
@@ -90,14 +121,15 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint) -> Written:
     return Written(path, rows, failed, tally=tally)
 
 
-def _tally_journal(checkpoint: Checkpoint, rows: int) -> Tally:
-    """The tally of an up-to-date results file, from the journal alone: a row
-    without a record is one its input kept from being sent."""
+def _tally_store(checkpoint: Checkpoint, keys: Iterator[np.ndarray]) -> Tally:
+    """The tally of an up-to-date results file, from the store alone: a row
+    without an answer is one its input kept from being sent."""
     tally = Tally()
-    for start in range(0, rows, _TALLY_CHUNK):
-        records = checkpoint.read(start, min(rows, start + _TALLY_CHUNK))
-        for offset, record in enumerate(records):
-            tally.add(start + offset, _INPUT_ERROR if record is None else record)
+    position = 0
+    for these in keys:
+        for record in checkpoint.read(these):
+            tally.add(position, _INPUT_ERROR if record is None else record)
+            position += 1
     return tally
 
 
@@ -112,17 +144,22 @@ def results_destination(prepared: Prepared) -> Path:
 
 
 def _fill_input_errors(records: list[dict[str, Any] | None], batch: pa.RecordBatch,
-                       start: int, renderer: PromptRenderer) -> None:
-    for row in renderer.render(batch, start):
-        offset = row.position - start
-        if records[offset] is None and row.messages is None:
-            records[offset] = RowResult.failed(row.problem or "", 0, INPUT_ERROR_CLASS).to_dict()
+                       renderer: PromptRenderer) -> None:
+    for offset, problem in renderer.prompts(batch).problems.items():
+        if records[offset] is None:
+            records[offset] = {**RowResult.failed(problem, 0, INPUT_ERROR_CLASS).to_dict(),
+                               SOURCE_COLUMN: SOURCE_SENT}
 
 
 def _stamp(prepared: Prepared, checkpoint: Checkpoint) -> dict[str, Any]:
-    """What a results file is written from: the job, the input, the limit, the journal."""
-    return {"job": prepared.fingerprint, "input": prepared.input_digest,
-            "limit": prepared.limit, "journal_bytes": checkpoint.path.stat().st_size}
+    """What a results file is written from: the job, the input, the limit, the store."""
+    job = prepared.job
+    shaping = {"requests": request_identity(job), "prompt": job.prompt.model_dump(),
+               "id_column": job.input.id_column}
+    digest = hashlib.blake2b(orjson.dumps(shaping, option=orjson.OPT_SORT_KEYS),
+                             digest_size=16).hexdigest()
+    return {"job": digest, "input": prepared.input_digest, "limit": prepared.limit,
+            "journal_bytes": checkpoint.path.stat().st_size}
 
 
 def _file_identity(path: Path) -> dict[str, Any]:

@@ -84,7 +84,7 @@ class InputReader:
                                  buffer_size=_HASH_CHUNK)
 
     def content_digest(self) -> str:
-        """A hash of the file's bytes, streamed, for the checkpoint's fingerprint."""
+        """A hash of the file's bytes, streamed, for the results' up-to-date stamp."""
         digest = hashlib.blake2b(digest_size=16)
         with self.path.open("rb") as handle:
             while chunk := handle.read(_HASH_CHUNK):
@@ -386,7 +386,21 @@ def id_strings(column: pa.Array) -> list[str]:
 
 
 def _hash_ids(ids: list[str]) -> np.ndarray:
-    return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
+    return hash_strings(ids, "0123456789123456")
+
+
+def hash_strings(values: list[str], key: str) -> np.ndarray:
+    """A 64-bit keyed hash (SipHash, ``key``: 16 ASCII characters) of each string,
+    in one vectorized pass; the same strings and key give the same hashes on
+    every run and machine."""
+    array = np.asarray(values, dtype=object)
+    try:
+        hashes: np.ndarray = pd.util.hash_array(array, hash_key=key, categorize=False)
+    except UnicodeEncodeError:  # a lone surrogate (JSONL "\ud800"): hash its raw code units
+        array = np.asarray([value.encode("utf-8", "surrogatepass").decode("latin-1")
+                            for value in values], dtype=object)
+        hashes = pd.util.hash_array(array, hash_key=key, categorize=False)
+    return hashes
 
 
 def _check_unique_ids(reader: InputReader, id_column: str, hashes: np.ndarray,

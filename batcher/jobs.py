@@ -45,7 +45,7 @@ async def arun_job(job: Job, options: RunOptions | None = None, *,
                          fresh=options.fresh)
     assert job.output is not None
     with endpoint_for(job, environ) as (endpoint, redactor), Checkpoint(
-        job.output.checkpoint_path, prepared.fingerprint, fresh=options.fresh
+        job.output.checkpoint_path, fresh=options.fresh
     ) as checkpoint:
         if options.fresh:  # under the checkpoint's lock, like the checkpoint itself
             still_open = forget_state(job.output.checkpoint_path)
@@ -72,7 +72,7 @@ def dry_run(job: Job, limit: int | None = None,
     checkpoint_path = job.output.checkpoint_path if job.output else None
     if checkpoint_path is not None and checkpoint_path.exists() and not fresh:
         try:
-            with Checkpoint(checkpoint_path, prepared.fingerprint) as checkpoint:
+            with Checkpoint(checkpoint_path) as checkpoint:
                 return _with_batch_plan(estimate(prepared, checkpoint), prepared, checkpoint)
         except CheckpointError as error:
             return replace(estimate(prepared), note=f"a run would stop: {error}")
@@ -105,7 +105,7 @@ def check_job(job: Job, limit: int | None = None, environ: Mapping[str, str] | N
         check_path(job.output.path, "results file", private=False)
         check_path(checkpoint, "checkpoint", private=True)
         check_path(lock_path_for(checkpoint), "lock file", private=True)
-        verify_checkpoint(checkpoint, None if fresh else prepared.fingerprint)
+        verify_checkpoint(checkpoint, fresh)
     return prepared
 
 

@@ -1,16 +1,19 @@
-"""The path one row travels, top to bottom: read → render → limit → send →
-classify → journal.
+"""The path one row travels, top to bottom: read → key → render → limit →
+send → classify → journal.
 
-- **read, render**: :func:`unfinished_rows` turns input record batches into
-  rendered rows, skipping what the checkpoint already holds as ``ok``;
-- **request**: :func:`row_request` makes a row's request body (or, for a row
-  that cannot be sent, its error outcome);
+- **read, key**: :func:`plan_batches` turns the input's record batches into
+  each row's request key (``batcher.keys``) and looks the keys up in the
+  store: rows it already answers are reused, the rest are pending;
+- **render**: :func:`row_request` makes a pending row's request body (or,
+  for a row that cannot be sent, its error outcome);
 - **limit, send, classify**: :func:`attempt_row` waits for the row's turn
   under the rate limits, sends it through a :class:`Sender`, classifies the
   reply or error and retries under the policy until it has an
   :class:`Outcome`;
-- **journal**: the caller appends the outcome to the checkpoint before
-  taking the next row (the runner's workers do; see ``batcher.runner``).
+- **journal**: the caller appends the outcome to the store under the row's
+  key before taking the next row (the runner's workers do; see
+  ``batcher.runner``), and :class:`SharedRequests` hands it to identical
+  rows when the job shares duplicates.
 
 These are plain functions over narrow parts (a sender, a limiter, a policy,
 a clock), so the CLI's runner, other run modes and tests use them alike. A
@@ -25,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import orjson
 import pyarrow as pa
 
@@ -33,10 +37,12 @@ from batcher.checkpoint import Checkpoint
 from batcher.client import Response
 from batcher.config import Job
 from batcher.errors import ApiError, RunAborted, Verdict
+from batcher.inputs import id_strings
+from batcher.keys import RowKeys
 from batcher.limits import OutputEstimate, RateLimiter, Sleep
 from batcher.pricing import Price, Usage
 from batcher.progress import INPUT_ERROR_CLASS, RunStats
-from batcher.prompts import PromptRenderer, RenderedRow
+from batcher.prompts import PromptRenderer
 from batcher.records import STATUS_OK, RowResult
 from batcher.retry import RetryPolicy
 from batcher.wire import (
@@ -64,10 +70,36 @@ as after a transient error), or None to accept it."""
 
 
 @dataclass(slots=True)
+class PendingRow:
+    """A row the store holds no ``ok`` answer for."""
+
+    position: int
+    key: bytes
+    text: str | None  # the user message, or None with the reason in ``problem``
+    problem: str | None = None
+    request_hash: bytes = b""  # made only when identical requests are shared
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """One input batch, keyed: which of its rows are answered, which pending."""
+
+    start: int
+    keys: np.ndarray  # (rows, 16) key bytes, in input order
+    pending: list[PendingRow]
+
+    @property
+    def reused(self) -> int:
+        return len(self.keys) - len(self.pending)
+
+
+@dataclass(slots=True)
 class RowRequest:
     """One row, ready to send."""
 
     position: int
+    key: bytes
+    request_hash: bytes
     body: bytes
     prompt_tokens_estimate: int
 
@@ -80,29 +112,86 @@ class Outcome:
     failure: ApiError | None = None
 
 
-# -- read, render ------------------------------------------------------------------------------
+# -- read, key, render -------------------------------------------------------------------------
 
 
-def unfinished_rows(batches: Iterable[pa.RecordBatch], renderer: PromptRenderer,
-                    checkpoint: Checkpoint | None) -> Iterator[RenderedRow]:
-    """Every row of ``batches`` the checkpoint does not hold as ``ok``,
-    rendered; a batch that is all done is skipped without rendering it."""
-    position = 0
+def plan_batches(batches: Iterable[pa.RecordBatch], job: Job, renderer: PromptRenderer,
+                 store: Checkpoint | None) -> Iterator[BatchPlan]:
+    """Each batch's keys, and its rows the store does not answer with ``ok``."""
+    row_keys = RowKeys(job)
+    share = job.duplicates == "share"
+    start = 0
     for batch in batches:
-        start, position = position, position + batch.num_rows
-        if checkpoint is not None and checkpoint.count_done(start, position) == batch.num_rows:
-            continue
-        for row in renderer.render(batch, start):
-            if checkpoint is None or not checkpoint.is_done(row.position):
-                yield row
+        prompts = renderer.prompts(batch)
+        keys = row_keys.keys(row_ids(batch, start, job), prompts)
+        answered = store.answered(keys) if store is not None else np.zeros(len(keys), bool)
+        offsets = np.flatnonzero(~answered).tolist()
+        hashes = row_keys.request_hashes(prompts) if share and offsets else None
+        pending = [PendingRow(start + offset, keys[offset].tobytes(), prompts.texts[offset],
+                              prompts.problems.get(offset),
+                              b"" if hashes is None else hashes[offset].tobytes())
+                   for offset in offsets]
+        yield BatchPlan(start, keys, pending)
+        start += batch.num_rows
 
 
-def row_request(row: RenderedRow, job: Job) -> RowRequest | RowResult:
+def batch_keys(batches: Iterable[pa.RecordBatch], job: Job, renderer: PromptRenderer
+               ) -> Iterator[np.ndarray]:
+    """Each batch's row keys, and nothing else."""
+    row_keys = RowKeys(job)
+    start = 0
+    for batch in batches:
+        yield row_keys.keys(row_ids(batch, start, job), renderer.prompts(batch))
+        start += batch.num_rows
+
+
+def row_ids(batch: pa.RecordBatch, start: int, job: Job) -> list[str]:
+    """The ids that go into the keys: the id column's, or the rows' positions."""
+    id_column = job.input.id_column
+    if id_column is not None:
+        return id_strings(batch.column(id_column))
+    return [str(row) for row in range(start, start + batch.num_rows)]
+
+
+def row_request(row: PendingRow, job: Job, renderer: PromptRenderer) -> RowRequest | RowResult:
     """The row's request, or its error result when it cannot be sent at all."""
-    if row.messages is None:
-        return RowResult.failed(row.problem or "", 0, INPUT_ERROR_CLASS)
-    return RowRequest(row.position, request_body(job.model, row.messages, job.params),
-                      row.prompt_tokens_estimate)
+    rendered = renderer.rendered(row.position, row.text, row.problem)
+    if rendered.messages is None:
+        return RowResult.failed(rendered.problem or "", 0, INPUT_ERROR_CLASS)
+    return RowRequest(row.position, row.key, row.request_hash,
+                      request_body(job.model, rendered.messages, job.params),
+                      rendered.prompt_tokens_estimate)
+
+
+class SharedRequests:
+    """``duplicates: share``: identical requests in one run are sent once.
+
+    The first row with a request leads (it is sent); rows with the same
+    request that come while it is in flight wait for its outcome, and rows
+    that come after it is stored take it from the store. Memory: one entry
+    per distinct request of the run, so it is opt-in.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[bytes, list[PendingRow] | tuple[int, int]] = {}
+
+    def arrive(self, row: PendingRow) -> list[PendingRow] | tuple[int, int] | None:
+        """None: the row leads, send it. A list: it waits (now in the list).
+        A place: the outcome is stored there already."""
+        state = self._state.get(row.request_hash)
+        if state is None:
+            self._state[row.request_hash] = []
+            return None
+        if isinstance(state, list):
+            state.append(row)
+        return state
+
+    def waiting(self, request_hash: bytes) -> list[PendingRow]:
+        state = self._state.get(request_hash)
+        return state if isinstance(state, list) else []
+
+    def stored(self, request_hash: bytes, place: tuple[int, int]) -> None:
+        self._state[request_hash] = place
 
 
 # -- limit, send, classify ---------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Everything decided before the first request: check the job against its
-input, fingerprint it, and estimate what a run would send.
+input, and estimate what a run would send.
 
 A mistake found here costs nothing (exit 2): no request is sent and no file
 is written. ``--dry-run`` and ``batcher validate`` stop here.
@@ -7,42 +7,45 @@ is written. ``--dry-run`` and ``batcher validate`` stop here.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-import orjson
 import pyarrow as pa
 
 from batcher.checkpoint import Checkpoint
 from batcher.config import Job
 from batcher.errors import ConfigError, DataError
 from batcher.inputs import InputReader, scan_input
-from batcher.pipeline import unfinished_rows
+from batcher.pipeline import BatchPlan, plan_batches
 from batcher.pricing import NoPrice, Price, resolve_price
-from batcher.prompts import PromptRenderer, RenderedRow
+from batcher.prompts import PromptRenderer
 from batcher.records import RESULT_COLUMNS
 from batcher.tokens import counter_for
-
-FINGERPRINT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Estimate:
     rows: int
-    pending_rows: int
-    prompt_tokens: int
+    to_send: int  # requests a run would send (rows not answered, duplicates shared)
+    reused: int  # rows answered by the checkpoint
+    prompt_tokens: int  # of what would be sent only
     completion_tokens: int | None  # None when the job sets no max_tokens
     cost_usd: float | None  # None: no price known, or no max_tokens to bound the output
     tokens_counted: str  # how prompt tokens were counted: a real tokenizer or an estimate
     price: Price | NoPrice
+    shared: int = 0  # rows answered by an identical row's request (duplicates: share)
+    unsendable: int = 0  # rows whose prompt cannot be built (error rows, nothing sent)
     note: str | None = None  # something the run would trip over
     batch: str | None = None  # mode: batch: the batch files and the cost at the batch price
 
     def describe(self) -> str:
-        text = (f"{self.rows} rows ({self.pending_rows} to send, "
-                f"{self.rows - self.pending_rows} already done); {self.prompt_tokens:,} prompt "
+        parts = [f"{self.to_send:,} to send", f"{self.reused:,} reused from the checkpoint"]
+        if self.shared:
+            parts.append(f"{self.shared:,} sharing an identical row's answer")
+        if self.unsendable:
+            parts.append(f"{self.unsendable:,} with no prompt to send (error rows)")
+        text = (f"{self.rows:,} rows ({', '.join(parts)}); {self.prompt_tokens:,} prompt "
                 f"tokens to send ({self.tokens_counted})")
         if self.completion_tokens is None:
             text += "; completion tokens unknown (params set no max_tokens)"
@@ -66,7 +69,6 @@ class Prepared:
     job: Job
     reader: InputReader
     rows: int
-    fingerprint: str
     limit: int | None
     input_digest: str  # the input's bytes, for the results' up-to-date stamp
     output_schema: pa.Schema  # the input's columns as the results hold them
@@ -103,9 +105,13 @@ class Prepared:
         return resolve_price(job.model, pricing=job.pricing, base_url=job.endpoint.base_url,
                              batch=batch)
 
-    def unfinished_rows(self, checkpoint: Checkpoint | None) -> Iterator[RenderedRow]:
-        """Every row within the limit the checkpoint does not hold as ``ok``, rendered."""
-        return unfinished_rows(self.batches(), PromptRenderer(self.job.prompt), checkpoint)
+    def renderer(self) -> PromptRenderer:
+        return PromptRenderer(self.job.prompt)
+
+    def plans(self, checkpoint: Checkpoint | None, renderer: PromptRenderer | None = None
+              ) -> Iterator[BatchPlan]:
+        """Every batch within the limit, keyed and looked up in the checkpoint."""
+        return plan_batches(self.batches(), self.job, renderer or self.renderer(), checkpoint)
 
 
 def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) -> Prepared:
@@ -122,28 +128,12 @@ def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) ->
     if summary.rows == 0 and not allow_empty and limit != 0:
         raise DataError(f"{job.input.path}: the input has no rows (only a header); "
                         "nothing to send")
-    prepared = Prepared(job, reader, summary.rows, fingerprint(job, summary.digest), limit,
-                        summary.digest, summary.output_schema, summary.beyond_limit)
+    prepared = Prepared(job, reader, summary.rows, limit, summary.digest,
+                        summary.output_schema, summary.beyond_limit)
     if job.limits.max_cost_usd is not None and isinstance(prepared.online_price, NoPrice):
         raise ConfigError(f"limits.max_cost_usd: cannot keep to a budget without a price: "
                           f"{prepared.online_price.reason}")
     return prepared
-
-
-def fingerprint(job: Job, input_digest: str) -> str:
-    """What makes two runs the same job: the input's bytes and everything that
-    shapes a request. Limits, retries and the endpoint's URL are left out, so
-    a resume may change them."""
-    identity = {
-        "v": FINGERPRINT_VERSION,
-        "input": input_digest,
-        "id_column": job.input.id_column,
-        "prompt": job.prompt.model_dump(),
-        "model": job.model,
-        "params": job.params,
-    }
-    return hashlib.blake2b(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS),
-                           digest_size=16).hexdigest()
 
 
 def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estimate:
@@ -153,21 +143,33 @@ def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estima
     cache hits)."""
     job = prepared.job
     counter = counter_for(job.model)
-    prompt_tokens = 0
-    pending = 0
-    for row in prepared.unfinished_rows(checkpoint):
-        if row.messages is not None:
-            pending += 1
-            prompt_tokens += counter.count(row.messages)
+    renderer = prepared.renderer()
+    share = job.duplicates == "share"
+    seen: set[bytes] = set()
+    prompt_tokens = to_send = reused = shared = unsendable = 0
+    for plan in prepared.plans(checkpoint, renderer):
+        reused += plan.reused
+        for row in plan.pending:
+            messages = renderer.rendered(row.position, row.text, row.problem).messages
+            if messages is None:
+                unsendable += 1
+                continue
+            if share:
+                if row.request_hash in seen:
+                    shared += 1
+                    continue
+                seen.add(row.request_hash)
+            to_send += 1
+            prompt_tokens += counter.count(messages)
     max_output = job.max_output_tokens
-    completion = None if max_output is None else max_output * pending * int(
+    completion = None if max_output is None else max_output * to_send * int(
         job.params.get("n", 1) or 1)
     price = prepared.price
     cost = None
     if isinstance(price, Price) and completion is not None:
         cost = price.worst_case(prompt_tokens, completion)
-    return Estimate(prepared.row_count, pending, prompt_tokens, completion, cost, counter.label,
-                    price)
+    return Estimate(prepared.row_count, to_send, reused, prompt_tokens, completion, cost,
+                    counter.label, price, shared=shared, unsendable=unsendable)
 
 
 def _check_columns(job: Job, reader: InputReader) -> None:

@@ -35,10 +35,17 @@ class ErrorClass:
 
 @dataclass
 class RunStats:
-    """Counters of one run (this invocation), and the rows it found already done."""
+    """Counters of one run (this invocation).
+
+    ``reused`` rows were answered by the checkpoint and not sent; ``ok`` and
+    ``errors`` count the rows this run finished, ``shared`` of them with the
+    answer of an identical row's request (so their tokens are not counted
+    again).
+    """
 
     total_rows: int = 0
-    already_done: int = 0
+    reused: int = 0
+    shared: int = 0
     ok: int = 0
     errors: int = 0
     truncated: int = 0
@@ -51,10 +58,11 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     error_classes: dict[str, ErrorClass] = field(default_factory=dict)
 
-    def record(self, position: int, result: RowResult, error_class: str | None = None) -> None:
+    def record(self, position: int, result: RowResult, error_class: str | None = None, *,
+               shared: bool = False) -> None:
         """Count one finished row; ``error_class`` groups failures for the summary
         (the failure's signature, or ``INPUT_ERROR_CLASS`` for a row that could not
-        be sent)."""
+        be sent); a ``shared`` row's tokens were counted with its twin's."""
         if result.ok:
             self.ok += 1
             self.truncated += result.finish_reason == "length"
@@ -66,6 +74,9 @@ class RunStats:
                 self.error_classes[name] = ErrorClass(1, position, result.error or "")
             else:
                 known.count += 1
+        if shared:
+            self.shared += 1
+            return
         self.prompt_tokens += result.prompt_tokens or 0
         self.completion_tokens += result.completion_tokens or 0
         self.cost_usd += result.cost_usd or 0.0
@@ -73,7 +84,7 @@ class RunStats:
 
     @property
     def finished(self) -> int:
-        return self.already_done + self.ok + self.errors
+        return self.reused + self.ok + self.errors
 
     @property
     def tokens(self) -> int:
@@ -128,14 +139,21 @@ class Progress:
         use_bar = self._stream.isatty() if bar is None else bar
         self._bar: Any = None
         if enabled and use_bar:
-            self._bar = _bar_class()(total=stats.total_rows, initial=stats.already_done,
+            self._bar = _bar_class()(total=stats.total_rows, initial=stats.reused,
                                      unit="row", file=self._stream, dynamic_ncols=True,
                                      smoothing=0.05)
         self._last_log = -math.inf  # the first finished row is logged at once
         self._last_postfix = 0.0
 
-    def update(self, position: int, result: RowResult, error_class: str | None = None) -> None:
-        self._stats.record(position, result, error_class)
+    def reuse(self, rows: int) -> None:
+        """Count rows answered by the checkpoint (not sent)."""
+        self._stats.reused += rows
+        if self._bar is not None and rows:
+            self._bar.update(rows)
+
+    def update(self, position: int, result: RowResult, error_class: str | None = None, *,
+               shared: bool = False) -> None:
+        self._stats.record(position, result, error_class, shared=shared)
         if not self._enabled:
             return
         now = time.monotonic()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,14 @@ TOKENS_PER_REQUEST = 3
 
 
 @dataclass(slots=True)
+class Prompts:
+    """One batch's user messages; ``None`` where a row has none, and why."""
+
+    texts: list[str | None]
+    problems: dict[int, str]  # offset in the batch -> the row's results error
+
+
+@dataclass(slots=True)
 class RenderedRow:
     position: int
     messages: list[dict[str, str]] | None  # None when the row cannot be sent
@@ -36,38 +44,65 @@ class RenderedRow:
 
 
 class PromptRenderer:
-    """Builds each row's messages from a column or a ``{column}`` template."""
+    """Builds each row's messages from a column or a ``{column}`` template.
+
+    ``prompts`` is the cheap step, run on every row (the user message's text
+    is all a row's request key needs); ``rendered`` makes the messages sent,
+    for the rows that are sent.
+    """
 
     def __init__(self, spec: PromptSpec) -> None:
         self._spec = spec
         self._columns = spec.columns()
         self._missing_is_error = spec.missing == "error"
 
-    def render(self, batch: pa.RecordBatch, first_position: int) -> Iterator[RenderedRow]:
+    def prompts(self, batch: pa.RecordBatch) -> Prompts:
+        problems: dict[int, str] = {}
+        texts: list[str | None]
+        column = self._spec.column
+        if column is not None:  # the common case, one pass with no call per plain string
+            texts = [value if type(value) is str else str(_cell(value))
+                     for value in batch.column(column).to_pylist()]
+            for offset, text in enumerate(texts):
+                if not text or text.isspace():
+                    texts[offset] = None
+                    problems[offset] = (_missing_problem(column) if self._missing_is_error
+                                        else "prompt is empty")
+            return Prompts(texts, problems)
         columns = {name: [_cell(value) for value in batch.column(name).to_pylist()]
                    for name in self._columns}
+        texts = []
         for offset in range(batch.num_rows):
             values = {name: columns[name][offset] for name in self._columns}
-            position = first_position + offset
             if self._missing_is_error:
                 missing = next((name for name, value in values.items()
                                 if isinstance(value, str) and not value.strip()), None)
                 if missing is not None:
-                    yield RenderedRow(position, None, 0, _missing_problem(missing))
+                    texts.append(None)
+                    problems[offset] = _missing_problem(missing)
                     continue
             try:
-                prompt = self._prompt(values)
+                text = self._prompt(values)
             except (ValueError, TypeError, KeyError, IndexError) as exc:
-                yield RenderedRow(position, None, 0, f"prompt template failed: {exc}")
+                texts.append(None)
+                problems[offset] = f"prompt template failed: {exc}"
                 continue
-            if not prompt.strip():
-                yield RenderedRow(position, None, 0, "prompt is empty")
+            if not text.strip():
+                texts.append(None)
+                problems[offset] = "prompt is empty"
                 continue
-            messages = []
-            if self._spec.system:
-                messages.append({"role": "system", "content": self._spec.system})
-            messages.append({"role": "user", "content": prompt})
-            yield RenderedRow(position, messages, estimate_prompt_tokens(messages))
+            texts.append(text)
+        return Prompts(texts, problems)
+
+    def rendered(self, position: int, text: str | None, problem: str | None = None
+                 ) -> RenderedRow:
+        if text is None:
+            return RenderedRow(position, None, 0, problem)
+        messages = []
+        if self._spec.system:
+            messages.append({"role": "system", "content": self._spec.system})
+        messages.append({"role": "user", "content": text})
+        return RenderedRow(position, messages, estimate_prompt_tokens(messages))
 
     def _prompt(self, values: dict[str, Any]) -> str:
         if self._spec.column is not None:

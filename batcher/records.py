@@ -57,7 +57,16 @@ class RowResult:
         )
 
 
-RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RowResult))
+RESULT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RowResult))
+
+# Where a row's answer came from in this run; not stored (it depends on the run).
+SOURCE_COLUMN = "source"
+SOURCE_SENT = "sent"  # this run decided it: a request sent now (or a prompt that failed)
+SOURCE_REUSED = "reused"  # the stored answer of an earlier run to the same request
+SOURCE_SHARED = "shared"  # ``duplicates: share``: the answer to an identical request
+SOURCES: tuple[str, ...] = (SOURCE_SENT, SOURCE_REUSED, SOURCE_SHARED)
+
+RESULT_COLUMNS: tuple[str, ...] = (*RESULT_FIELDS, SOURCE_COLUMN)
 INTEGER_COLUMNS = frozenset(
     {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
      "attempts"}

@@ -5,11 +5,11 @@ The order is what makes the guarantees hold:
 
 1. ``batcher.preflight`` has checked the job, the input and the endpoint
    before any request, so a mistake costs nothing (exit 2).
-2. The checkpoint is open (lock, fingerprint, torn-line repair); the rows it
-   already holds as ``ok`` are skipped.
+2. The checkpoint is open (lock, torn-line repair, index of its keys); rows
+   whose request it already answers are reused, not sent.
 3. The input streams through a bounded queue to a fixed set of workers; each
-   row travels ``batcher.pipeline`` and is journaled before its worker takes
-   the next row.
+   row travels ``batcher.pipeline`` and is journaled under its request key
+   before its worker takes the next row.
 4. Only when every row has an outcome are the results written in input
    order, atomically (``batcher.finish``).
 
@@ -30,17 +30,29 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from batcher.budget import Budget
 from batcher.checkpoint import Checkpoint, read_journal
 from batcher.config import Job
 from batcher.errors import ApiError, BatcherError, BudgetReached, Interrupted, RunAborted
 from batcher.finish import write_results_file
+from batcher.keys import KEY_BYTES
 from batcher.limits import Clock, RateLimiter, Sleep
-from batcher.pipeline import RowRequest, Sender, Sending, attempt_row, row_request
+from batcher.pipeline import (
+    PendingRow,
+    RowRequest,
+    Sender,
+    Sending,
+    SharedRequests,
+    attempt_row,
+    batch_keys,
+    row_request,
+)
 from batcher.preflight import Prepared, prepare
 from batcher.pricing import NoPrice, Price
 from batcher.progress import INPUT_ERROR_CLASS, Progress, RunStats
-from batcher.records import RowResult
+from batcher.records import SOURCE_REUSED, SOURCE_SENT, SOURCE_SHARED, SOURCES, RowResult
 from batcher.retry import FailureStreak
 from batcher.tally import Tally
 
@@ -134,8 +146,12 @@ class Run:
         self._options = options
         self._runtime = runtime
         self._streak = FailureStreak(self.job.retry.stop_after_identical_failures)
-        self.stats = RunStats(total_rows=prepared.row_count,
-                              already_done=checkpoint.count_done(0, prepared.row_count))
+        self.stats = RunStats(total_rows=prepared.row_count)
+        self._renderer = prepared.renderer()
+        self._shared = SharedRequests() if self.job.duplicates == "share" else None
+        # Each row's key and where its answer came from, for the results (17 bytes a row).
+        self._keys = np.zeros((prepared.row_count, KEY_BYTES), dtype=np.uint8)
+        self._sources = np.zeros(prepared.row_count, dtype=np.uint8)
         self._progress: Progress | None = None
         self._stop_signal: int | None = None
         self._stop_event: asyncio.Event | None = None
@@ -157,7 +173,8 @@ class Run:
                 self._progress.close()
                 if self._budget is not None and self._budget.reached:
                     raise self._budget_reached()
-                written = write_results_file(self.prepared, self._checkpoint)
+                written = write_results_file(self.prepared, self._checkpoint, self._keys,
+                                             self._sources)
                 # A signal during that synchronous write is queued on the loop's
                 # wakeup pipe. Three loop turns deliver it to request_stop: one
                 # reads the pipe, one runs the handler, and this task is resumed
@@ -202,7 +219,9 @@ class Run:
         if limits.max_total_tokens is not None:
             spent.append(f"{budget.spent_tokens:,} tokens of limits.max_total_tokens "
                          f"{limits.max_total_tokens:,}")
-        done = self._checkpoint.count_done(0, self.prepared.row_count)
+        self._checkpoint.refresh()
+        done = sum(int(self._checkpoint.answered(keys).sum()) for keys in batch_keys(
+            self.prepared.batches(), self.job, self._renderer))
         return BudgetReached(
             f"budget reached before the next request: {'; '.join(spent)} (by every run of "
             f"this job); {done:,} of {self.prepared.row_count:,} rows done, the checkpoint is "
@@ -265,15 +284,32 @@ class Run:
             raise _first_cause(group) from None
 
     async def _produce(self, queue: asyncio.Queue[RowRequest | None], workers: int) -> None:
-        for row in self.prepared.unfinished_rows(self._checkpoint):
+        assert self._progress is not None
+        reused, sent, shared = (SOURCES.index(name) for name in (SOURCE_REUSED, SOURCE_SENT,
+                                                                  SOURCE_SHARED))
+        for plan in self.prepared.plans(self._checkpoint, self._renderer):
             if self._halted:
                 break  # stop reading the input too, not just sending
-            request = row_request(row, self.job)
-            if isinstance(request, RowResult):
-                # The input's fault: reported, never journaled (see batcher.finish).
-                assert self._progress is not None
-                self._progress.update(row.position, request, INPUT_ERROR_CLASS)
-            else:
+            end = plan.start + len(plan.keys)
+            self._keys[plan.start:end] = plan.keys
+            self._sources[plan.start:end] = reused
+            self._progress.reuse(plan.reused)
+            for row in plan.pending:
+                if self._halted:
+                    break
+                self._sources[row.position] = sent
+                request = row_request(row, self.job, self._renderer)
+                if isinstance(request, RowResult):
+                    # The input's fault: reported, never stored (see batcher.finish).
+                    self._progress.update(row.position, request, INPUT_ERROR_CLASS)
+                    continue
+                if self._shared is not None:
+                    state = self._shared.arrive(row)
+                    if state is not None:
+                        self._sources[row.position] = shared
+                        if isinstance(state, tuple):  # its twin's answer is stored already
+                            self._share(row, self._checkpoint.record_at(state))
+                        continue
                 await queue.put(request)
         for _ in range(workers):
             await queue.put(_DONE)
@@ -286,18 +322,34 @@ class Run:
             if outcome is None:
                 continue
             failure = outcome.failure
-            self._journal(request.position, outcome.result, failure)
+            self._journal(request, outcome.result, failure)
             if self._streak.record(failure.signature if failure else None):
                 raise RunAborted(
                     f"stopped after {self._streak.count} rows in a row failed the same way "
                     f"({failure.message if failure else ''}); fix the job and run again, the "
                     "checkpoint is kept (retry.stop_after_identical_failures sets the count)")
 
-    def _journal(self, position: int, result: RowResult, failure: ApiError | None) -> None:
+    def _journal(self, request: RowRequest, result: RowResult,
+                 failure: ApiError | None) -> None:
+        """Store the outcome under the row's key, and under the keys of the
+        identical rows waiting for it, in one write."""
         result.finished_at = round(self._runtime.wall(), 3)
-        self._checkpoint.append(position, result)
         assert self._progress is not None
-        self._progress.update(position, result, failure.signature if failure else None)
+        waiting = self._shared.waiting(request.request_hash) if self._shared else []
+        place = self._checkpoint.append(
+            [(request.key, request.position), *((row.key, row.position) for row in waiting)],
+            result)
+        error_class = failure.signature if failure else None
+        self._progress.update(request.position, result, error_class)
+        for row in waiting:
+            self._progress.update(row.position, result, error_class, shared=True)
+        if self._shared is not None:
+            self._shared.stored(request.request_hash, place)
+
+    def _share(self, row: PendingRow, result: RowResult) -> None:
+        assert self._progress is not None
+        self._checkpoint.append([(row.key, row.position)], result)
+        self._progress.update(row.position, result, shared=True)
 
     @contextlib.contextmanager
     def _signals_handled(self) -> Iterator[None]:
@@ -325,8 +377,7 @@ def _budget(job: Job, checkpoint: Checkpoint) -> Budget | None:
     if limits.max_cost_usd is None and limits.max_total_tokens is None:
         return None
     spent_usd, spent_tokens = 0.0, 0
-    _, records = read_journal(checkpoint.path)
-    for record in records:
+    for record in read_journal(checkpoint.path):
         spent_usd += record.get("cost_usd") or 0.0
         spent_tokens += record.get("total_tokens") or 0
     return Budget(limits.max_cost_usd, limits.max_total_tokens, spent_usd=spent_usd,

@@ -8,16 +8,23 @@ run is not disturbed; a line the run is writing at that moment is left out.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from batcher.checkpoint import read_journal, run_in_progress
 from batcher.config import Job
+from batcher.keys import KEY_BYTES, split
+from batcher.pipeline import batch_keys
+from batcher.preflight import Prepared
 from batcher.pricing import NoPrice, resolve_price
 from batcher.runner import prepare
 from batcher.tally import Tally
 
 RATE_WINDOW_S = 60.0
+_CHUNK = 65_536  # stored answers matched to rows at a time
 
 
 @dataclass(frozen=True)
@@ -81,14 +88,20 @@ def job_status(job: Job, *, now: float | None = None) -> JobStatus:
     assert job.output is not None
     path = job.output.checkpoint_path
     prepared = prepare(job, allow_empty=True)
-    fingerprint, records = read_journal(path)
+    rows = _RowsByKey(prepared)
     tally = Tally()
-    for record in records:
-        tally.add(record["i"], record)
+    elsewhere = 0
+    for chunk in _chunks(read_journal(path), _CHUNK):
+        for position, record in zip(rows.positions(chunk), chunk, strict=True):
+            if position < 0:
+                elsewhere += 1  # a row no longer in the input, or an earlier request
+            else:
+                tally.add(position, record)
     note = None
-    if fingerprint != prepared.fingerprint:
-        note = ("the checkpoint was made by a different version of the job (the input, model, "
-                "prompt or params changed); a run would stop and ask for --fresh")
+    if elsewhere:
+        note = (f"{elsewhere:,} stored answers are not for the input's rows as they are now "
+                "(rows removed or edited, or another model or params); they are kept for a "
+                "run that asks for them again")
     cost_note = None
     if tally.unpriced_rows:
         price = resolve_price(job.model, pricing=job.pricing, base_url=job.endpoint.base_url)
@@ -97,6 +110,44 @@ def job_status(job: Job, *, now: float | None = None) -> JobStatus:
     moment = time.time() if now is None else now
     return JobStatus(job.name, prepared.rows, tally, run_in_progress(path),
                      tally.rows_per_minute(moment, RATE_WINDOW_S), cost_note, note)
+
+
+class _RowsByKey:
+    """Finds the input row whose request key a stored answer has."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        keys = list(batch_keys(prepared.batches(), prepared.job, prepared.renderer()))
+        high, low = split(np.concatenate(keys) if keys else np.zeros((0, KEY_BYTES), np.uint8))
+        self._order = np.lexsort((low, high))
+        self._high, self._low = high[self._order], low[self._order]
+
+    def positions(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """Each record's row position in the input, or -1."""
+        found = np.full(len(records), -1, dtype=np.int64)
+        if not len(self._high) or not records:
+            return found
+        keys = np.frombuffer(b"".join(bytes.fromhex(record["k"]) for record in records),
+                             dtype=np.uint8).reshape(-1, KEY_BYTES)
+        high, low = split(keys)
+        first = np.searchsorted(self._high, high)
+        for index, place in enumerate(first.tolist()):  # along runs of equal first halves
+            while place < len(self._high) and self._high[place] == high[index]:
+                if self._low[place] == low[index]:
+                    found[index] = self._order[place]
+                    break
+                place += 1
+        return found
+
+
+def _chunks(records: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _duration(seconds: float) -> str:

@@ -48,13 +48,16 @@ def summarize_run(job: Job, report: RunReport, elapsed_s: float) -> Summary:
 class Summary:
     """What one run did.
 
-    ``rows``, ``ok`` and ``errors`` count every row of the results, those
-    taken from the checkpoint included. ``requests``, the token counts and
-    ``cost_usd`` cover what *this run* sent: rows already in the checkpoint
-    cost nothing again; rows answered by a Batch API cost its price.
-    ``cost_usd`` is None when the model's price is unknown (``cost_note``
-    says why); with ``simulated`` (the built-in mock server) it is what the
-    same tokens would cost.
+    ``rows``, ``ok`` and ``errors`` count every row of the results. Of the
+    rows, ``sent`` were answered by a request of this run, ``from_checkpoint``
+    were reused from the checkpoint (an earlier run answered the same
+    request) and ``shared`` took the answer of an identical row's request
+    (``duplicates: share``); the results' ``source`` column says which, row
+    by row. ``requests``, the token counts and ``cost_usd`` cover what *this
+    run* sent: reused and shared rows cost nothing again; rows answered by a
+    Batch API cost its price. ``cost_usd`` is None when the model's price is
+    unknown (``cost_note`` says why); with ``simulated`` (the built-in mock
+    server) it is what the same tokens would cost.
 
     The fields after ``simulated`` describe every row of the results
     (``tokens``, ``total_cost_usd``, ``errors_by_class``, ``latency_s``) or
@@ -92,6 +95,8 @@ class Summary:
     retries: int = 0
     requests_per_minute: float = 0.0
     requests_per_minute_limit: float | None = None
+    sent: int = 0
+    shared: int = 0
 
     @classmethod
     def of(cls, job: Job, report: RunReport, elapsed_s: float) -> Summary:
@@ -105,7 +110,7 @@ class Summary:
                     "reply, or answered before costs were recorded)")
         return cls(
             model=job.model, rows=report.rows, ok=report.rows - report.failed_rows,
-            errors=report.failed_rows, from_checkpoint=stats.already_done,
+            errors=report.failed_rows, from_checkpoint=stats.reused,
             requests=stats.requests, rate_limited=stats.rate_limited,
             prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
             cost_usd=round(stats.cost_usd, 6) if known else None,
@@ -120,7 +125,8 @@ class Summary:
             requests_per_minute=round(stats.requests * 60 / elapsed_s, 1) if elapsed_s > 0
             else 0.0,
             requests_per_minute_limit=job.limits.requests_per_minute,
-            failures=tuple(stats.error_lines()), warnings=tuple(stats.warnings()))
+            failures=tuple(stats.error_lines()), warnings=tuple(stats.warnings()),
+            sent=stats.ok + stats.errors - stats.shared, shared=stats.shared)
 
     @property
     def total_tokens(self) -> int:
@@ -152,8 +158,8 @@ class Summary:
             "exit_code": self.exit_code,
             "results_path": self.results_path,
             "rows": {"total": self.rows, "ok": self.ok, "error": self.errors,
-                     "from_checkpoint": self.from_checkpoint,
-                     "errors_by_class": self.errors_by_class},
+                     "from_checkpoint": self.from_checkpoint, "sent": self.sent,
+                     "shared": self.shared, "errors_by_class": self.errors_by_class},
             "tokens": self.tokens,
             "cost": {"usd": self.total_cost_usd, "this_run_usd": self.cost_usd,
                      "unpriced_rows": self.unpriced_rows, "price": self.price,
@@ -171,8 +177,10 @@ class Summary:
     def __str__(self) -> str:
         cost = (f", cost unknown ({self.cost_note})" if self.cost_usd is None
                 else f", ${self.cost_usd:,.4f} at {self.model}'s price")
-        return (f"{_count(self.rows, 'row')}: {self.ok} ok, {_count(self.errors, 'error')} "
-                f"({self.from_checkpoint} from the checkpoint); this run: "
+        shared = f"{self.shared:,} shared with identical rows, " if self.shared else ""
+        return (f"{_count(self.rows, 'row')}: {self.ok:,} ok, {_count(self.errors, 'error')}; "
+                f"{self.sent:,} sent, {shared}{self.from_checkpoint:,} reused from the "
+                f"checkpoint; this run: "
                 f"{_count(self.requests, 'request')} ({self.rate_limited} rate-limited), "
                 f"{self.total_tokens:,} tokens{cost}, {self.elapsed_s:.1f} s"
                 f"{' [simulated replies]' if self.simulated else ''}")

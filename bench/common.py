@@ -277,17 +277,17 @@ def checkpoint_path(output_path: Path) -> Path:
 def synthesize_checkpoint(job_path: Path, done_rows: int) -> Path:
     """Write the checkpoint a run that finished rows ``0 .. done_rows-1`` would have left.
 
-    The header carries the fingerprint batcher computes for this job and
-    input (``batcher.runner.prepare(job).fingerprint``), so ``batcher run``
-    accepts the file and sends only the remaining rows. The row lines are
+    Each row is stored under the request key batcher computes for it
+    (``batcher.preflight.prepare(job).plans(None)``), so ``batcher run``
+    reuses those answers and sends only the remaining rows. The lines are
     written by batcher's own ``Checkpoint.append``, so they stay in whatever
     journal format batcher uses; each holds a ``RowResult`` like the mock's.
     """
     from batcher.checkpoint import Checkpoint
     from batcher.config import load_job
     from batcher.mock_server import reply_for
-    from batcher.records import RESULT_COLUMNS, RowResult
-    from batcher.runner import prepare
+    from batcher.preflight import prepare
+    from batcher.records import RESULT_FIELDS, RowResult
 
     job = load_job(job_path)
     assert job.output is not None
@@ -295,10 +295,15 @@ def synthesize_checkpoint(job_path: Path, done_rows: int) -> Path:
     if done_rows > prepared.rows:
         raise BenchError(f"cannot mark {done_rows} rows done in a {prepared.rows}-row input")
     path: Path = job.output.checkpoint_path
-    with Checkpoint(path, prepared.fingerprint, fresh=True) as checkpoint:
-        for position in range(done_rows):
-            checkpoint.append(position, RowResult(**_done_fields(position, reply_for,
-                                                                 RESULT_COLUMNS)))
+    with Checkpoint(path, fresh=True) as checkpoint:
+        for plan in prepared.plans(None):
+            for row in plan.pending:
+                if row.position >= done_rows:
+                    break
+                checkpoint.append([(row.key, row.position)], RowResult(
+                    **_done_fields(row.position, reply_for, RESULT_FIELDS)))
+            if plan.start + len(plan.keys) >= done_rows:
+                break
         checkpoint.sync()
     return path
 

@@ -3,9 +3,9 @@
 Set-up: a 1,000,000-row Parquet input and the checkpoint a run killed near
 the end would have left: every row but the last 1,000 journaled as ``ok``.
 Sending a million requests first would take minutes, so the checkpoint is
-written directly in batcher's journal format, with the fingerprint batcher
-computes for this job (see ``common.synthesize_checkpoint``); batcher
-accepts it exactly as its own.
+written directly in batcher's journal format, under the request keys
+batcher computes for this job's rows (see ``common.synthesize_checkpoint``);
+batcher reuses it exactly as its own.
 
 Measured: seconds from starting ``batcher run JOB -q`` (the process spawn)
 to the first request arriving at the mock server (``requests_total`` in

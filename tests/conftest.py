@@ -227,7 +227,7 @@ def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]
     if not records:
         return None, [], tail
     header, *rows = records
-    assert header.get("batcher_checkpoint") == 1, header
+    assert header.get("batcher_checkpoint") == 2, header
     return header, rows, tail
 
 

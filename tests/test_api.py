@@ -259,8 +259,8 @@ def test_interrupt_keeps_the_checkpoint_and_the_same_call_resumes(
     again = call()  # after success the checkpoint answers everything: nothing is sent
     assert again.attrs["batcher"]["requests"] == 0
     assert server.stats.snapshot()["requests_total"] == 40
-    pd.testing.assert_frame_equal(again.drop(columns=["latency_s"]),
-                                  out.drop(columns=["latency_s"]))
+    assert set(again["source"]) == {"reused"}  # with the original replies, usage and latency
+    pd.testing.assert_frame_equal(again.drop(columns=["source"]), out.drop(columns=["source"]))
 
     batcher.run_dataframe(reviews(40), prompt_column="text", model="gpt-4o-mini",
                           base_url=server.base_url, checkpoint=checkpoint, fresh=True,
@@ -319,6 +319,7 @@ def test_without_a_checkpoint_an_interrupted_call_resumes_in_this_session(
     again = batcher.run_dataframe(reviews(30), **settings)
     assert list(again["reply"]) == list(out["reply"])
     assert server.stats.snapshot()["requests_total"] == 30
+    assert set(again["source"]) == {"reused"}
 
 
 def test_run_a_job_file_a_job_dict_and_the_async_twin(

@@ -14,7 +14,6 @@ from conftest import (
     one_error_line,
     prompts_csv,
     run_job,
-    write_csv,
     write_job,
 )
 
@@ -119,20 +118,6 @@ def test_missing_job_file_and_bad_arguments(tmp_path: Path) -> None:
     assert result.returncode == 2 and "job file not found" in result.stderr
     assert cli("run", str(tmp_path / "none.yaml"), "--limit", "-3").returncode == 2
     assert cli("frobnicate").returncode == 2
-
-
-def test_changed_job_refuses_to_resume_until_fresh(tmp_path: Path,
-                                                   mock_server: MockServer) -> None:
-    source = write_csv(tmp_path / "in.csv", ["id", "text"], [["a", "one"], ["b", "two"]])
-    job = job_dict(mock_server.base_url, source, tmp_path / "out.csv")
-    write_job(tmp_path / "job.yaml", job)
-    assert cli("run", str(tmp_path / "job.yaml"), "-q").returncode == 0
-    job["params"]["temperature"] = 0.7
-    write_job(tmp_path / "job.yaml", job)
-    result = cli("run", str(tmp_path / "job.yaml"), "-q")
-    assert result.returncode == 2 and "different job" in result.stderr
-    assert "--fresh" in result.stderr
-    assert cli("run", str(tmp_path / "job.yaml"), "-q", "--fresh").returncode == 0
 
 
 # -- the edges: far down a big file, every type mistake, paths that alias --------------

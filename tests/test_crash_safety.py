@@ -53,18 +53,18 @@ JOURNALED_ROWS = 40_000  # enough that a results write lasts long enough to be h
 def journaled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An input and a checkpoint that holds every row as ok, built once (40,000 appends
     take seconds): a run of a job over a copy of them only writes results. The
-    checkpoint's fingerprint covers the input's bytes, not its path, so copies resume."""
+    answers are keyed by request, not by the input's path, so copies resume."""
     folder = tmp_path_factory.mktemp("journaled")
     source = prompts_csv(folder, JOURNALED_ROWS)
     job = write_job(folder / "job.yaml", job_dict("http://127.0.0.1:9/v1", source,
                                                   folder / "out.parquet"))
-    prepared = prepare(load_job(job))
-    with Checkpoint(folder / "out.ckpt", prepared.fingerprint) as checkpoint:
-        for i in range(JOURNALED_ROWS):
-            checkpoint.append(i, RowResult(
-                reply=reply_for(prompt_text(i)), finish_reason="stop", prompt_tokens=9,
-                completion_tokens=9, total_tokens=18, status="ok", error=None, attempts=1,
-                latency_s=0.01))
+    with Checkpoint(folder / "out.ckpt") as checkpoint:
+        for plan in prepare(load_job(job)).plans(None):
+            for row in plan.pending:
+                checkpoint.append([(row.key, row.position)], RowResult(
+                    reply=reply_for(prompt_text(row.position)), finish_reason="stop",
+                    prompt_tokens=9, completion_tokens=9, total_tokens=18, status="ok",
+                    error=None, attempts=1, latency_s=0.01))
     return folder
 
 

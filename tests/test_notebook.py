@@ -79,7 +79,7 @@ def test_quickstart_notebook_runs_end_to_end(kernel_manager: KernelManager) -> N
     assert reply_for(prompt)[:24] in shown  # "[simulated] <digest>": the first row's reply
     assert "ok" in shown
     assert "replies are simulated" in stderr
-    assert "batcher: 20 rows: 20 ok, 0 errors (0 from the checkpoint)" in stderr
+    assert "batcher: 20 rows: 20 ok, 0 errors; 20 sent, 0 reused from the checkpoint" in stderr
 
     shown, _ = cell_text(cells["summary"])
     for expected in ("'rows': 20", "'ok': 20", "'errors': 0", "'cost_usd': ",

@@ -58,7 +58,8 @@ def sending(sender: FunctionSender, time: FakeTime, **extra: Any) -> Sending:
 
 
 def request(text: str) -> RowRequest:
-    return RowRequest(0, b'{"model":"m","messages":[{"role":"user","content":"%s"}]}'
+    return RowRequest(0, b"k" * 16, b"r" * 16,
+                      b'{"model":"m","messages":[{"role":"user","content":"%s"}]}'
                       % text.encode(), 10)
 
 
@@ -146,7 +147,7 @@ def test_a_whole_run_through_a_fake_sender(tmp_path: Path) -> None:
     sender = FunctionSender(echo)
     time = FakeTime()
     assert job.output is not None
-    with Checkpoint(job.output.checkpoint_path, prepared.fingerprint) as checkpoint:
+    with Checkpoint(job.output.checkpoint_path) as checkpoint:
         run = Run(prepared, lambda _concurrency: contextlib.nullcontext(sender), checkpoint,
                   RunOptions(progress=False, handle_signals=False),
                   Runtime(clock=time.clock, sleep=time.sleep, rng=random.Random(1)))

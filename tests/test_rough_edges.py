@@ -317,7 +317,7 @@ def test_dry_run_fresh_counts_every_row_and_gives_no_fresh_advice(tmp_path: Path
     assert "--fresh" in plain.stdout  # the run would stop on it: the way on is --fresh
     fresh = invoke("run", str(job), "--dry-run", "--fresh")
     assert fresh.exit_code == 0
-    assert "4 rows (4 to send, 0 already done)" in fresh.stdout
+    assert "4 rows (4 to send, 0 reused from the checkpoint)" in fresh.stdout
     assert "--fresh" not in fresh.stdout
 
 

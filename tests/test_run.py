@@ -150,7 +150,7 @@ def test_limit_runs_only_the_first_rows_and_resume_skips_done_rows(
     report = run_job(job, tmp_path, limit=10)
     assert report.rows == 10 and len(read_frame(tmp_path / "out.csv")) == 10
     report = run_job(job, tmp_path)
-    assert report.rows == 30 and report.stats.already_done == 10
+    assert report.rows == 30 and report.stats.reused == 10
     assert mock_server.stats.snapshot()["requests_total"] == 30  # nothing sent twice
     report = run_job(job, tmp_path, fresh=True)
     assert mock_server.stats.snapshot()["requests_total"] == 60

@@ -287,7 +287,7 @@ def test_9_and_15_validate_and_dry_run_see_what_run_would_stop_on(tmp_path: Path
         checkpoint.write_text('{"batcher_checkpoint":1,"fingerprint":"another job"}\n')
         checkpoint.chmod(0o600)
         foreign = cli("validate", str(job))
-        assert foreign.exit_code == 2 and "different job" in foreign.stderr
+        assert foreign.exit_code == 2 and "older batcher" in foreign.stderr
         assert cli("validate", str(job)).exit_code == 2
         checkpoint.write_text("id,text\n1,a data file\n")
         fresh = cli("run", "--dry-run", "--fresh", str(job))

@@ -32,7 +32,13 @@ from batcher.api.workspace import (
 )
 from batcher.config import Job, job_from_dict
 from batcher.errors import ConfigError, DataError
-from batcher.records import RESULT_COLUMNS
+from batcher.records import (
+    RESULT_COLUMNS,
+    SOURCE_COLUMN,
+    SOURCE_REUSED,
+    SOURCE_SENT,
+    STATUS_OK,
+)
 
 LIST_COLUMN = "prompt"  # the column a plain list of prompts becomes
 
@@ -125,7 +131,7 @@ async def arun_dataframe(
         workspace = scratch_folder()
         kept = f"in the checkpoint {user_checkpoint}"
     else:
-        workspace = SESSION.folder(session_key(payload, job))
+        workspace = SESSION.folder(session_key(job))
         kept = ("for this Python session (pass checkpoint='....ckpt' to keep them across a "
                 "restart)")
     with workspace as folder:
@@ -134,6 +140,11 @@ async def arun_dataframe(
         report = await execute(job, run_options, environ, kept=kept)
         assert report.results_path is not None
         results = typed(pd.read_parquet(report.results_path, columns=list(RESULT_COLUMNS)))
+    if not report.results_rewritten:
+        # The file is as an earlier call wrote it; this call sent nothing, so every
+        # answer was reused (the rows left are input errors, decided now).
+        results[SOURCE_COLUMN] = SOURCE_REUSED
+        results.loc[results["status"] != STATUS_OK, SOURCE_COLUMN] = SOURCE_SENT
     summary = summarize(job, report, started, run_options)
     out = frame.iloc[:report.rows].copy(deep=False)
     for column in RESULT_COLUMNS:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batcher.config import InputSpec, Job, OutputSpec
-from batcher.preflight import fingerprint
+from batcher.keys import shared_digest
 
 INPUT_NAME = "input.parquet"
 RESULTS_NAME = "results.parquet"
@@ -26,9 +26,13 @@ def relocated(job: Job, folder: Path) -> Job:
     })
 
 
-def session_key(payload: bytes, job: Job) -> str:
-    """What makes two calls the same: the checkpoint's own fingerprint of them."""
-    return fingerprint(job, hashlib.blake2b(payload, digest_size=16).hexdigest())
+def session_key(job: Job) -> str:
+    """Calls to one endpoint whose requests may coincide share a folder, and so a
+    store of answers: a frame that grew, or changed in a few cells, sends only
+    what is new. (The endpoint's URL is part of it here, unlike in a row's
+    key: a cache the caller did not ask for is not shared between servers.)"""
+    return hashlib.blake2b(shared_digest(job) + str(job.endpoint.base_url).encode(),
+                           digest_size=16).hexdigest()
 
 
 @contextlib.contextmanager
@@ -40,10 +44,12 @@ def scratch_folder() -> Iterator[Path]:
 class _SessionFolders:
     """Working folders of calls made without ``checkpoint=``.
 
-    A call's folder is named after what it sends, so the same call, made
-    again (a notebook cell run twice, or after an interrupt), finds the
-    journal of the first and sends only what it lacks: nothing, once the
-    first succeeded. The folders are removed at interpreter exit.
+    A call's folder is named after its endpoint and the model, params and
+    system message of its requests, and its store of answers stays there for
+    this Python session: an interrupted call resumes, the same call made
+    again sends nothing, and a call with more or changed rows sends only
+    those. All of them are removed at interpreter exit; ``fresh=True``
+    discards one.
     """
 
     def __init__(self) -> None:
