@@ -9,8 +9,11 @@ requests are in flight. When one does not fit, it waits for requests in
 flight to settle (they usually use less than reserved); when nothing is in
 flight and it still does not fit, the budget is reached and the run stops.
 
-A failed request releases its reservation: providers bill only answers. What
-earlier runs spent is read from the checkpoint, so a resumed run counts it.
+A request the server answered with an error releases its reservation
+(providers bill answers only); one that got no answer at all (a timeout, a
+dropped connection) may still have run, so its worst case stays spent for the
+rest of the run. What earlier runs spent is read from the checkpoint (the
+usage of every answered row), so a resumed run counts it.
 """
 
 from __future__ import annotations

@@ -261,7 +261,12 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
         try:
             response = await sending.sender.send(request.body)
         except ApiError as error:
-            _release(sending.budget, hold)
+            if error.status is None and sending.budget is not None and hold is not None:
+                # No answer (a timeout, a dropped connection): the server may still
+                # have run and billed it, so its worst case stays spent for this run.
+                sending.budget.settle(hold, None, None)
+            else:
+                _release(sending.budget, hold)  # an error answer: nothing billed
             sending.limiter.observe(parse_rate_limits(error.headers), reservation.tokens)
             failure = error
         else:

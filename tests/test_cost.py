@@ -17,7 +17,7 @@ from genai_prices import calc_price
 
 from batcher.budget import Budget
 from batcher.cli import main
-from batcher.mock_server import MockServer
+from batcher.mock_server import FaultRule, MockServer
 from batcher.pricing import NoPrice, Price, Usage, resolve_price
 from batcher.tokens import counter_for
 
@@ -235,3 +235,19 @@ def test_batch_mode_rows_cost_the_batch_price(
     budget = _cli("run", str(_job(tmp_path, server, rows=6, mode="batch",
                                   limits={"max_cost_usd": 1.0})), "--fresh")
     assert budget.exit_code == 2 and "online requests only" in budget.stderr
+
+
+def test_requests_without_an_answer_count_their_worst_case_against_the_budget(
+        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+    server = make_mock(api_key=TEST_KEY, faults=[FaultRule("drop", rate=1.0)])
+    job = _job(tmp_path, server, rows=20, model="acme-finetune-7b",
+               pricing={"input": 1.0, "output": 1.0},  # USD per million: $1e-6 a token
+               limits={"concurrency": 4, "max_cost_usd": 0.001},
+               retry={"max_attempts": 1})
+    result = _cli("run", str(job), "-q")
+    assert result.exit_code == 3, result.output  # a dropped request may have been billed
+    body = len(json.dumps({"model": "acme-finetune-7b", "messages": [
+        {"role": "user", "content": "Prompt number 10: say something."}],
+        "temperature": 0, "max_tokens": 64}, separators=(",", ":")))
+    most = int(0.001 / ((body + 64) * 1e-6))
+    assert 0 < server.stats.snapshot()["requests_total"] <= most
