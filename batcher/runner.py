@@ -47,6 +47,7 @@ from batcher.pipeline import (
     SharedRequests,
     attempt_row,
     batch_keys,
+    row_cost,
     row_request,
 )
 from batcher.preflight import Prepared, prepare
@@ -156,7 +157,9 @@ class Run:
         self._stop_signal: int | None = None
         self._stop_event: asyncio.Event | None = None
         self._work_future: asyncio.Future[None] | None = None
-        self._budget = _budget(self.job, checkpoint)
+        online_price = prepared.online_price
+        self._budget = _budget(self.job, checkpoint,
+                               online_price if isinstance(online_price, Price) else None)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -371,14 +374,20 @@ class Run:
                 loop.remove_signal_handler(signum)
 
 
-def _budget(job: Job, checkpoint: Checkpoint) -> Budget | None:
-    """The job's budget, less what earlier runs of it spent (read from the checkpoint)."""
+def _budget(job: Job, checkpoint: Checkpoint, price: Price | None) -> Budget | None:
+    """The job's budget, less what earlier runs of it spent (read from the checkpoint:
+    each answered row's cost, or for a row recorded without one, its usage at
+    ``price``)."""
     limits = job.limits
     if limits.max_cost_usd is None and limits.max_total_tokens is None:
         return None
     spent_usd, spent_tokens = 0.0, 0
     for record in read_journal(checkpoint.path):
-        spent_usd += record.get("cost_usd") or 0.0
+        cost = record.get("cost_usd")
+        if cost is None:
+            cost = row_cost(price, record.get("prompt_tokens"), record.get("completion_tokens"),
+                            record.get("cached_tokens"), record.get("reasoning_tokens"))
+        spent_usd += cost or 0.0
         spent_tokens += record.get("total_tokens") or 0
     return Budget(limits.max_cost_usd, limits.max_total_tokens, spent_usd=spent_usd,
                   spent_tokens=spent_tokens)
