@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,24 @@ def test_requests_without_an_answer_count_their_worst_case_against_the_budget(
         "temperature": 0, "max_tokens": 64}, separators=(",", ":")))
     most = int(0.001 / ((body + 64) * 1e-6))
     assert 0 < server.stats.snapshot()["requests_total"] <= most
+
+
+def test_the_readme_documents_every_key_of_the_run_summary(
+        tmp_path: Path, make_mock: Callable[..., MockServer]) -> None:
+    server = make_mock(api_key=TEST_KEY)
+    result = _cli("run", str(_job(tmp_path, server, rows=3)), "-q", "--json")
+    assert result.exit_code == 0
+
+    def keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+        found: set[str] = set()
+        for key, value in data.items():
+            name = prefix + key
+            leaf = not isinstance(value, dict) or key == "errors_by_class"  # a map of classes
+            found |= {name} if leaf else keys(value, name + ".")
+        return found
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Run summary", 1)[1].split("\n## ", 1)[0]
+    documented = {key for line in table.splitlines() if line.startswith("| `")
+                  for key in re.findall(r"`([\w.]+)`", line.split(" | ")[0])}
+    assert documented == keys(json.loads(result.stdout))
