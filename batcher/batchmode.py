@@ -19,12 +19,13 @@ One command does the whole cycle and is safe to repeat, from cron or by hand:
    (so the input may change while batches run), or is left unfinished
    (expired) for the next round. Only then is the batch marked collected, so
    a kill during a download just downloads again.
-4. **Finish.** When no batch is open: with ``fallback: online`` every row
-   still not ``ok`` (failed, expired, never sent, or in a batch past
-   ``deadline_h``, which is cancelled) goes through the ordinary online run,
-   same limits and retries, which writes the results; otherwise unfinished
-   rows go into a new round, and when none are left the results are written
-   exactly as online mode writes them.
+4. **Finish.** When no batch is open, rows new to the cycle (appended to the
+   input meanwhile) go into a new round, and so do unfinished (expired) rows
+   unless ``fallback: online`` is set: then every row still not ``ok``
+   (failed, expired, or in a batch past ``deadline_h``, which is cancelled)
+   goes through the ordinary online run, same limits and retries, which
+   writes the results. Otherwise, when no round is left, the results are
+   written exactly as online mode writes them.
 
 The state file (``<checkpoint>.batch/state.json``) is replaced atomically at
 every step; the folder also holds the shard files until the cycle ends.
@@ -305,8 +306,7 @@ class BatchRun:
                     return self._come_back_message()
                 await self._runtime.sleep(self._spec.poll_interval_s)
                 continue
-            first_round = not state.shards
-            if (first_round or self._spec.fallback == "none") and self._plan():
+            if self._plan():
                 continue
             return None
 
@@ -315,12 +315,15 @@ class BatchRun:
     def _plan(self) -> bool:
         """Write shard files for the rows no batch of this cycle holds; True if any."""
         state = self._state
-        # Requests in a batch of this cycle, by key (the ones it left unfinished
-        # are free again): not planned twice.
+        # Requests in a batch of this cycle, by key, are not planned again; only
+        # rows new to the cycle are (appended to the input meanwhile, say). The
+        # ones a batch left unfinished go in a new batch too, unless the online
+        # fallback is to finish them (with the failed ones) in _finish.
+        resubmit = self._spec.fallback == "none"
         claimed: set[str] = set()
         for shard in state.shards:
             claimed.update(name.split("-", 1)[1] for name in shard_ids(state.folder / shard.file))
-            if shard.status == COLLECTED:
+            if resubmit and shard.status == COLLECTED:
                 claimed.difference_update(name.split("-", 1)[1] for name in shard.unfinished)
         self._remove_strays()
         job = self.job

@@ -333,3 +333,19 @@ def test_ctrl_c_while_waiting_keeps_the_batches_for_the_next_run(
     assert result.returncode == 0, result.stderr
     assert counters(server)["batches_created"] == 1
     assert_complete(tmp_path, PROMPTS)
+
+
+def test_rows_appended_while_batches_run_go_in_a_new_batch_not_online(
+        tmp_path: Path, make_mock: MakeMock) -> None:
+    server = make_mock(api_key=TEST_KEY, batch_phase_s=0.2)
+    job = batch_job(tmp_path, server, PROMPTS[:6], fallback="online")
+    assert run(str(job)).returncode == 0
+    make_input(tmp_path, PROMPTS[:8])  # the nightly export grew meanwhile
+    time.sleep(0.8)
+
+    collect = run(str(job), "--wait")
+    assert collect.returncode == 0, collect.stderr
+    assert "planned 1 batch file with 2 requests" in collect.stderr
+    assert counters(server)["batches_created"] == 2
+    assert online_requests(server) == 0, "new rows are not sent at the online price"
+    assert_complete(tmp_path, PROMPTS[:8])
