@@ -51,7 +51,15 @@ import orjson
 from batcher.batchfile import Shard, ShardWriter, reconcile, request_line, shard_ids
 from batcher.checkpoint import Checkpoint
 from batcher.client import BatchClient, ChatClient, Endpoint
-from batcher.errors import ApiError, CheckpointError, Interrupted, OutputError, RunAborted, Verdict
+from batcher.errors import (
+    ApiError,
+    CheckpointError,
+    Interrupted,
+    OutputError,
+    RunAborted,
+    Verdict,
+    fresh_option,
+)
 from batcher.finish import write_results_file
 from batcher.keys import shared_digest
 from batcher.pipeline import Sender, row_cost, row_request
@@ -137,12 +145,13 @@ class BatchState:
         except (OSError, orjson.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: cannot read the batch state ({exc}); batches "
                                   "may still run at the service, so look there before "
-                                  "running with --fresh") from None
+                                  f"running with {fresh_option()}") from None
         # Requests are named by their keys, so batches of an earlier version of the job
         # or its input are still collected: each answer goes to the rows with its key.
         if data.get("version") != STATE_VERSION:
             raise CheckpointError(f"{path}: batches were submitted by an older batcher; "
-                                  "collect them with that version, or run with --fresh to "
+                                  "collect them with that version, or run with "
+                                  f"{fresh_option()} to "
                                   "forget them (they still run and are billed at the service)")
         shards = [ShardRecord(**shard) for shard in data.get("shards", [])]
         return cls(folder, job_name, shards)

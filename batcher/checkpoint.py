@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from batcher.errors import CheckpointError, OutputError
+from batcher.errors import CheckpointError, OutputError, fresh_option
 from batcher.keys import KEY_BYTES, split
 from batcher.records import RESULT_FIELDS, STATUS_OK, RowResult
 from batcher.safefiles import make_private, open_private
@@ -257,7 +257,7 @@ class Checkpoint:
                 break
             start += len(line) + 1
         raise CheckpointError(f"{self.path}: corrupt line at byte {base + start} "
-                              "(run with --fresh to start over)")
+                              f"(run with {fresh_option()} to start over)")
 
 
 class _KeyIndex:
@@ -426,7 +426,7 @@ def _read_header(fd: int, path: Path) -> tuple[bytes, dict[str, Any]]:
             or not isinstance(header.get("batcher_checkpoint"), int):
         raise CheckpointError(
             f"{path}: not a batcher checkpoint, so batcher will not overwrite it "
-            "(not even with --fresh); move it away or point output.checkpoint elsewhere")
+            f"(not even with {fresh_option()}); move it away or point output.checkpoint elsewhere")
     return line, header
 
 
@@ -436,11 +436,11 @@ def _check_version(header: dict[str, Any], path: Path) -> None:
         raise CheckpointError(
             f"{path}: written by an older batcher, which kept answers by row position; "
             "this one keeps them by request and cannot match the old rows. Finish the job "
-            "with the older version, or run with --fresh to start over (every row is sent "
-            "again)")
+            f"with the older version, or run with {fresh_option()} to start over (every row is "
+            "sent again)")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer batcher (format {version}); "
-                              "upgrade batcher, or run with --fresh to start over")
+                              f"upgrade batcher, or run with {fresh_option()} to start over")
 
 
 def _holds_no_rows(fd: int) -> bool:

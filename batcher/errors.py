@@ -9,8 +9,18 @@ are translated into these at one boundary each, never by matching text.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
+
+# How the user says "discard the checkpoint" where they are: the command's flag,
+# or the Python API's argument (set by batcher.api for its calls), so advice in an
+# error reads right in a terminal and in a notebook alike.
+FRESH_OPTION: ContextVar[str] = ContextVar("batcher_fresh_option", default="--fresh")
+
+
+def fresh_option() -> str:
+    return FRESH_OPTION.get()
 
 
 class BatcherError(Exception):

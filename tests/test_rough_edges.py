@@ -354,3 +354,24 @@ def test_a_kernel_without_ipywidgets_gets_the_text_bar_and_no_warning(tmp_path: 
                           check=False, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "tqdm.std" and done.stderr == ""
+
+
+def test_advice_to_start_over_names_fresh_true_in_python_and_the_flag_in_a_shell(
+        tmp_path: Path, mock_server: MockServer) -> None:
+    import batcher
+
+    source = prompts_csv(tmp_path, 3)
+    checkpoint = tmp_path / "out.ckpt"
+    job = write_job(tmp_path / "job.yaml", job_dict(mock_server.base_url, source,
+                                                    tmp_path / "out.csv"))
+    assert invoke("run", str(job), "--quiet").exit_code == 0
+    # A newer batcher's checkpoint: the way on is to start over.
+    lines = checkpoint.read_bytes().split(b"\n", 1)
+    header = json.loads(lines[0])
+    header["batcher_checkpoint"] += 1
+    checkpoint.write_bytes(json.dumps(header).encode() + b"\n" + lines[1])
+    shell = invoke("run", str(job), "--quiet")
+    assert shell.exit_code == 2 and "run with --fresh" in shell.stderr
+    with pytest.raises(batcher.CheckpointError) as caught:
+        batcher.run(job, progress=False, api_key=TEST_KEY)
+    assert "run with fresh=True" in str(caught.value) and "--fresh" not in str(caught.value)

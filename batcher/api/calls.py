@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from batcher import jobs
 from batcher.api.bridge import current_control
 from batcher.config import Job
-from batcher.errors import ConfigError, Interrupted
+from batcher.errors import FRESH_OPTION, ConfigError, Interrupted
 from batcher.redact import printable
 from batcher.runner import RunOptions, RunReport
 from batcher.summary import Summary, summarize_run
@@ -64,12 +64,15 @@ async def execute(job: Job, run_options: RunOptions, environ: Mapping[str, str] 
                   kept: str) -> RunReport:
     if job.endpoint.mock is not None and run_options.progress:
         print(f"batcher: {jobs.SIMULATED_NOTICE}", file=sys.stderr, flush=True)
+    advice = FRESH_OPTION.set("fresh=True")  # errors advise the argument, not the flag
     try:
         return await jobs.arun_job(job, run_options, environ=environ)
     except Interrupted as exc:
         raise Interrupted(f"interrupted: the rows finished so far are kept {kept}; call "
                           "again with the same arguments to resume (only the rest is sent)",
                           exc.exit_code) from None
+    finally:
+        FRESH_OPTION.reset(advice)
 
 
 def summarize(job: Job, report: RunReport, started: float, run_options: RunOptions) -> Summary:
