@@ -32,23 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from common import (
-    PYTHON,
-    BatcherProcess,
-    BenchError,
-    ChildProcess,
-    MockProcess,
-    Usage,
-    bench_main,
-    job_dict,
-    make_parquet_input,
-    print_table,
-    print_targets,
-    small_flag,
-    summary_line,
-    synthesize_checkpoint,
-    write_job,
-)
+from harness import PYTHON, BenchError
+from harness.jobs import job_dict, make_parquet_input, synthesize_checkpoint, write_job
+from harness.mock import MockProcess
+from harness.processes import BatcherProcess, ChildProcess, Usage, summary_line
+from harness.report import bench_main, print_table, print_targets, small_flag
 
 TARGET_PEAK_MIB = 400.0
 TARGET_GROWTH_MIB = 50.0

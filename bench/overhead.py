@@ -24,25 +24,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common import (
-    BatcherProcess,
-    BenchError,
-    JournalWatcher,
-    MockProcess,
-    bench_main,
-    by_status,
-    checkpoint_path,
-    job_dict,
-    make_parquet_input,
-    print_table,
-    print_targets,
-    py_spy,
-    py_spy_wrapper,
-    small_flag,
-    summarize_profile,
-    summary_line,
-    write_job,
-)
+from harness import BenchError
+from harness.jobs import checkpoint_path, job_dict, make_parquet_input, write_job
+from harness.journal import JournalWatcher
+from harness.mock import MockProcess, by_status
+from harness.processes import BatcherProcess, summary_line
+from harness.profiling import py_spy, py_spy_wrapper, summarize_profile
+from harness.report import bench_main, print_table, print_targets, small_flag
 
 TARGET_RPS = 3000.0
 

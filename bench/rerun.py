@@ -31,21 +31,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import (
-    PYTHON,
-    BatcherProcess,
-    BenchError,
-    ChildProcess,
-    MockProcess,
-    bench_main,
-    job_dict,
-    make_parquet_input,
-    print_table,
-    print_targets,
-    small_flag,
-    summary_line,
-    write_job,
-)
+from harness import PYTHON, BenchError
+from harness.jobs import job_dict, make_parquet_input, write_job
+from harness.mock import MockProcess
+from harness.processes import BatcherProcess, ChildProcess, summary_line
+from harness.report import bench_main, print_table, print_targets, small_flag
 
 TARGET_DECIDE_S = 3.0
 TARGET_PEAK_MIB = 400.0

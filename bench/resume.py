@@ -4,7 +4,7 @@ Set-up: a 1,000,000-row Parquet input and the checkpoint a run killed near
 the end would have left: every row but the last 1,000 journaled as ``ok``.
 Sending a million requests first would take minutes, so the checkpoint is
 written directly in batcher's journal format, under the request keys
-batcher computes for this job's rows (see ``common.synthesize_checkpoint``);
+batcher computes for this job's rows (see ``harness.jobs.synthesize_checkpoint``);
 batcher reuses it exactly as its own.
 
 Measured: seconds from starting ``batcher run JOB -q`` (the process spawn)
@@ -22,25 +22,19 @@ import sys
 import time
 from pathlib import Path
 
-from common import (
-    BatcherProcess,
-    BenchError,
-    JournalWatcher,
-    MockProcess,
-    bench_main,
+from harness import BenchError
+from harness.jobs import (
     checkpoint_path,
     job_dict,
     make_parquet_input,
-    print_table,
-    print_targets,
-    py_spy,
-    py_spy_wrapper,
-    small_flag,
-    summarize_profile,
-    summary_line,
     synthesize_checkpoint,
     write_job,
 )
+from harness.journal import JournalWatcher
+from harness.mock import MockProcess
+from harness.processes import BatcherProcess, summary_line
+from harness.profiling import py_spy, py_spy_wrapper, summarize_profile
+from harness.report import bench_main, print_table, print_targets, small_flag
 
 TARGET_FIRST_REQUEST_S = 3.0
 POLL_S = 0.01

@@ -33,23 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-from common import (
-    MAX_TOKENS,
-    BatcherProcess,
-    BenchError,
-    JournalWatcher,
-    MockProcess,
-    bench_main,
-    by_status,
-    checkpoint_path,
-    job_dict,
-    make_parquet_input,
-    print_table,
-    print_targets,
-    small_flag,
-    summary_line,
-    write_job,
-)
+from harness import BenchError
+from harness.jobs import MAX_TOKENS, checkpoint_path, job_dict, make_parquet_input, write_job
+from harness.journal import JournalWatcher
+from harness.mock import MockProcess, by_status
+from harness.processes import BatcherProcess, summary_line
+from harness.report import bench_main, print_table, print_targets, small_flag
 
 RPM = 6000
 LATENCY_S = 0.05
