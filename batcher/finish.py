@@ -27,11 +27,10 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-import pyarrow as pa
 
 from batcher.checkpoint import Checkpoint
 from batcher.inputs import typed_columns
@@ -53,6 +52,9 @@ from batcher.records import (
 from batcher.tally import Tally
 
 _INPUT_ERROR = {"status": STATUS_ERROR, "error_class": INPUT_ERROR_CLASS}
+
+if TYPE_CHECKING:  # record batches come from batcher.inputs; pyarrow is its concern
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)

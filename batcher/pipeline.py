@@ -26,11 +26,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import orjson
-import pyarrow as pa
 
 from batcher.budget import Budget, Hold
 from batcher.checkpoint import Checkpoint
@@ -52,6 +51,9 @@ from batcher.wire import (
     parse_rate_limits,
     request_body,
 )
+
+if TYPE_CHECKING:  # record batches come from batcher.inputs; pyarrow is its concern
+    import pyarrow as pa
 
 
 class Sender(Protocol):

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from batcher.checkpoint import Checkpoint
 from batcher.config import Job
@@ -22,6 +21,9 @@ from batcher.pricing import NoPrice, Price, resolve_price
 from batcher.prompts import PromptRenderer
 from batcher.records import RESULT_COLUMNS
 from batcher.tokens import counter_for
+
+if TYPE_CHECKING:  # record batches come from batcher.inputs; pyarrow is its concern
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,14 @@ import math
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import pyarrow as pa
 
 from batcher.config import PromptSpec
+
+if TYPE_CHECKING:  # record batches come from batcher.inputs; pyarrow is its concern
+    import pyarrow as pa
 
 # OpenAI counts TPM from "the character count of your request"; ~4 characters
 # per token is its own rule of thumb, plus a few tokens of framing per message.

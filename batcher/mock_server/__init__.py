@@ -31,11 +31,13 @@ if TYPE_CHECKING:  # loaded on first use by __getattr__ below
 __all__ = ["FaultRule", "MockConfig", "MockServer", "MockStats", "reply_for", "serve_forever"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in ("MockServer", "serve_forever"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import thread
+if not TYPE_CHECKING:  # hidden from type checkers, so a misspelt name stays an error there
 
-    value = getattr(thread, name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str) -> Any:
+        if name not in ("MockServer", "serve_forever"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from . import thread
+
+        value = getattr(thread, name)
+        globals()[name] = value
+        return value
