@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 
 from batcher.errors import ApiError, ConfigError, Verdict
-from batcher.redact import Redactor, redact_url
+from batcher.redact import Redactor
 from batcher.wire import Completion, classify_error, one_line, parse_completion
 
 
@@ -131,20 +131,10 @@ class ChatClient:
             raise ConfigError(f"cannot build the request (check endpoint.base_url and the "
                               f"HTTP_PROXY/HTTPS_PROXY variables): {reason}") from None
         latency = time.perf_counter() - started
-        try:
-            if status != 200:
-                error = classify_error(status, payload, headers, clean=self._redactor.clean)
-                if status == 404 and error.code is None:
-                    # No error code (OpenAI's "Invalid URL", a framework's "Not Found"):
-                    # no such route, so the URL is wrong for every row alike. A 404 with
-                    # a code (model_not_found, DeploymentNotFound) stays the row's error.
-                    error.verdict = Verdict.ABORT
-                    error.message = not_found_message(self._endpoint.url, error.message)
-                raise error
-            return Response(parse_completion(payload), latency, headers)
-        except ApiError as error:
-            error.message = self._redactor.clean(error.message)
-            raise
+        clean = self._redactor.clean
+        if status != 200:
+            raise classify_error(status, payload, headers, url=self._endpoint.url, clean=clean)
+        return Response(parse_completion(payload, clean=clean), latency, headers)
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
         """The body, read no further than ``max_response_bytes``: a runaway reply is a
@@ -253,33 +243,17 @@ class BatchClient:
         except aiohttp.ClientError as exc:
             reason = one_line(client.redactor.clean(str(exc) or exc.__class__.__name__))
             raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
+        clean = client.redactor.clean
+        if status != 200:
+            raise classify_error(status, payload, response_headers, clean=clean)
         try:
-            if status != 200:
-                raise classify_error(status, payload, response_headers,
-                                     clean=client.redactor.clean)
-            try:
-                parsed = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                parsed = None
-            if not isinstance(parsed, dict):
-                raise ApiError(Verdict.RETRY, f"{method} {path}: HTTP 200 with a body that is "
-                               "not a JSON object", status=200)
-            return parsed
-        except ApiError as error:
-            error.message = client.redactor.clean(error.message)
-            raise
-
-
-def not_found_message(url: str, reason: str) -> str:
-    """Which URL answered 404 without an error code, and the likely fix."""
-    parts = urlsplit(url)
-    shown = redact_url(f"{parts.scheme}://{parts.netloc}{parts.path}")
-    text = f"POST {shown} answered 404 ({reason})"
-    if "/v1/" not in parts.path and "/openai/deployments/" not in parts.path:
-        root = shown.removesuffix("/chat/completions")
-        return (f"{text}; most OpenAI-compatible servers serve the API under /v1: try "
-                f"endpoint.base_url: {root}/v1")
-    return f"{text}; check endpoint.base_url"
+            parsed = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ApiError(Verdict.RETRY, clean(f"{method} {path}: HTTP 200 with a body that is "
+                                                "not a JSON object"), status=200)
+        return parsed
 
 
 def proxy_for(url: str) -> str | None:

@@ -137,6 +137,8 @@ class InputReader:
                                                    newline="") as handle:
                 first_line = _first_record_text(handle)
         except UnicodeDecodeError:
+            # The text reader decodes a whole buffer, maybe past the header: find the line.
+            self.check_csv_text()
             raise DataError(f"{self.path}: line 1: not valid UTF-8 text (save the file as UTF-8)"
                             ) from None
         if not self._delimiter_given:
@@ -217,10 +219,9 @@ class InputReader:
         except pa.ArrowInvalid as exc:
             if bad_rows:
                 raise DataError(f"{self.path}: {bad_rows[0]} (ragged CSV row)") from None
-            text = str(exc)
-            if "UTF8" in text or "UTF-8" in text:
-                raise DataError(f"{self.path}: not valid UTF-8 text (save the file as UTF-8)"
-                                ) from None
+            # pyarrow gives one exception type for every parse failure; our own pass
+            # over the bytes tells invalid UTF-8 and an unclosed quote apart, by line.
+            self.check_csv_text()
             raise DataError(f"{self.path}: malformed CSV ({_first_line(exc)})") from None
 
     def _parquet_batches(self) -> Iterator[pa.RecordBatch]:
@@ -258,8 +259,8 @@ class InputReader:
                     continue
                 try:
                     row = orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    problem = "not valid UTF-8" if "utf-8" in str(exc).lower() else "not valid JSON"
+                except orjson.JSONDecodeError:
+                    problem = "not valid JSON" if _is_utf8(raw) else "not valid UTF-8"
                     raise DataError(f"{self.path}: line {number}: {problem}") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{self.path}: line {number}: must be a JSON object")
@@ -490,6 +491,14 @@ def _check_unique_columns(path: Path, names: list[str]) -> None:
         if name in seen:
             raise DataError(f"{path}: line 1: column '{name}' appears twice in the header")
         seen.add(name)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _first_line(exc: BaseException) -> str:

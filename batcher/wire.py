@@ -16,10 +16,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from batcher.errors import ApiError, Verdict
+from batcher.redact import redact_url
 
 # 429 codes/types that mean the account has no money or quota left: retrying
 # cannot help ("Retrying these errors won't restore access").
@@ -54,9 +56,14 @@ def request_body(model: str, messages: list[dict[str, str]], params: Mapping[str
     return orjson.dumps({"model": model, "messages": messages, **params})
 
 
-def parse_completion(body: bytes) -> Completion:
+def _verbatim(text: str) -> str:
+    return text
+
+
+def parse_completion(body: bytes, *, clean: Callable[[str], str] = _verbatim) -> Completion:
     """Read a 200 response. A body that is not a usable chat completion is a
-    transient server fault (``ApiError`` with ``Verdict.RETRY``)."""
+    transient server fault (``ApiError`` with ``Verdict.RETRY``); ``clean`` is
+    applied to any text the server put in it (the client passes its redactor's)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -64,9 +71,9 @@ def parse_completion(body: bytes) -> Completion:
     if not isinstance(data, dict):
         raise ApiError(Verdict.RETRY, "HTTP 200 with a body that is not a JSON object", status=200)
     if "error" in data:
-        error = describe_error(200, data)
-        raise ApiError(Verdict.RETRY, f"HTTP 200 carrying an error: {error.message}", status=200,
-                       code=error.code, type=error.type)
+        detail = describe_error(200, data, clean=clean)
+        raise ApiError(Verdict.RETRY, f"HTTP 200 carrying an error: {detail.message}",
+                       status=200, code=detail.code, type=detail.type)
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise ApiError(Verdict.RETRY, "HTTP 200 with no choices in the body", status=200)
@@ -89,39 +96,78 @@ def parse_completion(body: bytes) -> Completion:
     )
 
 
-def classify_error(status: int, body: bytes, headers: Mapping[str, str],
-                   *, now: float | None = None, clean: Callable[[str], str] = str) -> ApiError:
+def classify_error(status: int, body: bytes, headers: Mapping[str, str], *,
+                   now: float | None = None, url: str | None = None,
+                   clean: Callable[[str], str] = _verbatim) -> ApiError:
     """Decide what a non-200 response means for its row and for the run.
 
-    ``clean`` scrubs secrets from the server's text before it is cut to length
-    (a key cut in half would no longer be recognised).
-    """
+    ``url``, the URL requested, when given: a 404 without an error code
+    (OpenAI's "Invalid URL", a framework's "Not Found") means no such route,
+    so the URL is wrong for every row alike and the run stops with a hint; a
+    404 with a code (``model_not_found``, ``DeploymentNotFound``) stays the
+    row's error. ``clean`` (the client passes its redactor's) scrubs secrets from
+    the server's text before it is cut to length (a key cut in half would no
+    longer be recognised), so a key the server echoes never reaches the results."""
     try:
         data: Any = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         data = None
-    error = describe_error(status, data, clean=clean)
+    detail = describe_error(status, data, clean=clean)
+    message = detail.message
     if 300 <= status < 400:
         target = one_line(clean(headers.get("location", "elsewhere")))
-        error.message = (f"HTTP {status}: the server redirects to {target}; batcher does not "
-                         "follow redirects (set endpoint.base_url to the final URL)")
+        message = (f"HTTP {status}: the server redirects to {target}; batcher does not "
+                   "follow redirects (set endpoint.base_url to the final URL)")
     elif data is None and body:
-        content_type = headers.get("content-type", "unknown type").split(";")[0]
-        error.message = f"HTTP {status} with a non-JSON body ({content_type})"
-    error.headers = dict(headers)
-    error.request_id = headers.get("x-request-id") or headers.get("apim-request-id")
-    error.retry_after_s = parse_retry_after(headers, now=now)
-    markers = {value for value in (error.code, error.type) if value}
-    if status in ABORT_STATUSES or (status == 429 and markers & QUOTA_CODES):
-        error.verdict = Verdict.ABORT
+        content_type = clean(headers.get("content-type", "unknown type").split(";")[0])
+        message = f"HTTP {status} with a non-JSON body ({content_type})"
+    wrong_url = False
+    if url is not None and status == 404 and detail.code is None:
+        wrong_url = True
+        message = not_found_message(url, message)
+    markers = {value for value in (detail.code, detail.type) if value}
+    if status in ABORT_STATUSES or (status == 429 and markers & QUOTA_CODES) or wrong_url:
+        verdict = Verdict.ABORT
     elif status in RETRYABLE_STATUSES or status >= 500:
-        error.verdict = Verdict.RETRY
+        verdict = Verdict.RETRY
     else:
-        error.verdict = Verdict.ROW_ERROR
-    return error
+        verdict = Verdict.ROW_ERROR
+    return ApiError(
+        verdict,
+        message,
+        status=status,
+        code=detail.code,
+        type=detail.type,
+        request_id=headers.get("x-request-id") or headers.get("apim-request-id"),
+        retry_after_s=parse_retry_after(headers, now=now),
+        headers=dict(headers),
+    )
 
 
-def describe_error(status: int, data: Any, *, clean: Callable[[str], str] = str) -> ApiError:
+def not_found_message(url: str, reason: str) -> str:
+    """Which URL answered 404 without an error code, and the likely fix."""
+    parts = urlsplit(url)
+    shown = redact_url(f"{parts.scheme}://{parts.netloc}{parts.path}")
+    text = f"POST {shown} answered 404 ({reason})"
+    if "/v1/" not in parts.path and "/openai/deployments/" not in parts.path:
+        root = shown.removesuffix("/chat/completions")
+        return (f"{text}; most OpenAI-compatible servers serve the API under /v1: try "
+                f"endpoint.base_url: {root}/v1")
+    return f"{text}; check endpoint.base_url"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDetail:
+    """What an error body says: a one-line message (``HTTP 429 code type: text``),
+    and the body's ``code`` and ``type``."""
+
+    message: str
+    code: str | None
+    type: str | None
+
+
+def describe_error(status: int, data: Any, *,
+                   clean: Callable[[str], str] = _verbatim) -> ErrorDetail:
     """Pull message, code and type out of any of the error shapes servers send."""
     detail: Any = data
     if isinstance(data, dict):
@@ -140,10 +186,8 @@ def describe_error(status: int, data: Any, *, clean: Callable[[str], str] = str)
     label = " ".join(str(part) for part in (code, kind) if part not in (None, ""))
     prefix = f"HTTP {status}" + (f" {label}" if label else "")
     text = one_line(clean(str(message))) if message not in (None, "") else "no error message"
-    return ApiError(
-        Verdict.RETRY,
+    return ErrorDetail(
         f"{prefix}: {text}",
-        status=status,
         code=None if code is None else str(code),
         type=None if kind is None else str(kind),
     )

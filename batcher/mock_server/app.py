@@ -18,7 +18,8 @@ from .batch_routes import BatchContext, Dropped, add_batch_routes
 from .batches import BatchStore
 from .calls import BadRequest, Call, parse_call
 from .config import MockConfig
-from .faults import FaultPlanner, UnknownFault, render_fault
+from .fault_replies import FaultContext, render_fault
+from .faults import FaultPlanner, UnknownFault
 from .ratelimit import RateLimiter, retry_headers
 from .responses import Reply, dumps, error_body, invalid_key_body, new_request_id, success_reply
 from .sleeper import Sleeper
@@ -201,7 +202,9 @@ async def _chat(request: web.Request, deployment: str | None) -> web.Response:
         reply = success_reply(call, model, cached_tokens=config.cached_tokens,
                               reasoning_tokens=config.reasoning_tokens)
     else:
-        reply = render_fault(kind, call, model, config, sent_key)
+        fault = FaultContext(call, model, config.fault_retry_after_s, sent_key,
+                             config.echo_key_in_errors)
+        reply = render_fault(kind, fault)
     if reply.completion:
         state.stats.record_ok(call.prompt)
     return _respond(reply, ratelimit, echo_key=echo)

@@ -38,7 +38,8 @@ from typing import Any
 
 from .calls import BadRequest, parse_call
 from .config import MockConfig
-from .faults import FaultPlanner, UnknownFault, render_fault
+from .fault_replies import FaultContext, render_fault
+from .faults import FaultPlanner, UnknownFault
 from .responses import dumps, error_body, new_request_id, success_reply
 from .stats import MockStats
 
@@ -397,7 +398,9 @@ class BatchStore:
             return 500, error_body("The server had an error while processing your request.",
                                    "server_error")
         else:
-            reply = render_fault(kind, call, model, self.config, None)
+            fault = FaultContext(call, model, self.config.fault_retry_after_s, None,
+                                 self.config.echo_key_in_errors)
+            reply = render_fault(kind, fault)
         if reply.completion:
             self.stats.record_ok(call.prompt)
         body = reply.body

@@ -11,43 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-#: Every fault the server can inject, by name. A ``[[fault:KIND]]`` marker or a
-#: :class:`FaultRule` naming anything else is an error, so a typo in a test is
-#: loud instead of silently producing a normal reply.
-FAULT_KINDS: frozenset[str] = frozenset(
-    {
-        "429",
-        "429_bare",
-        "quota",
-        "credit",
-        "401",
-        "403",
-        "400",
-        "context",
-        "404",
-        "422",
-        "500",
-        "502_html",
-        "503",
-        "503_bare",
-        "llama_loading",
-        "vllm_401",
-        "detail_500",
-        "azure_429",
-        "azure_filter",
-        "drop",
-        "stall",
-        "malformed",
-        "error_200",
-        "empty_choices",
-        "no_usage",
-        "null_content_refusal",
-        "content_filter",
-        "length",
-        "flex_429",
-        "huge",
-    }
-)
+from .fault_replies import FAULT_KINDS
 
 
 def check_loopback(host: str) -> None:
