@@ -37,9 +37,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "wire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
     ("inputs", "outputs", "checkpoint", "prompts", "retry", "limits", "client", "endpoints",
-     "progress"),
-    # the row pipeline and the run around it: checks before, the engine, the results write
-    ("pipeline", "preflight", "finish", "runner"),
+     "progress", "batchfile"),
+    # the row pipeline and the runs around it (online, batch): checks before, the results write
+    ("pipeline", "preflight", "finish", "runner", "batchmode"),
     # a validated job run end to end, and its summary: the core the CLI and the API share
     ("jobs", "summary"),
     # the Python API (the package: calls, frames, job files, results, the sync bridge)
@@ -53,7 +53,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 OWNERS: dict[str, tuple[str, ...] | None] = {
     "pyarrow": ("inputs", "outputs"),
     "pandas": ("inputs", "api.frames", "api.results"),
-    "numpy": ("inputs", "checkpoint"),
+    "numpy": ("inputs", "checkpoint", "batchmode"),  # compact per-row arrays
     "aiohttp": ("client", "mock_server"),
     "tqdm": ("progress",),
     "click": ("cli",),
