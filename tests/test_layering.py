@@ -52,10 +52,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: ``None``: any module may.
 OWNERS: dict[str, tuple[str, ...] | None] = {
     "pyarrow": ("inputs", "outputs"),
-    "pandas": ("inputs", "api.frames", "api.results"),
+    "pandas": ("inputs", "outputs", "api.frames", "api.results"),
     "numpy": ("inputs", "checkpoint", "batchmode"),  # compact per-row arrays
     "aiohttp": ("client", "mock_server"),
     "tqdm": ("progress",),
+    "ipywidgets": ("progress",),  # optional (the notebook extra): the progress widget
     "click": ("cli",),
     "pydantic": ("config",),
     "yaml": ("config",),
@@ -192,7 +193,9 @@ def test_the_mock_server_imports_nothing_from_batcher() -> None:
 
 def test_every_library_imported_is_a_declared_dependency() -> None:
     project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
-    declared = {_requirement_name(line) for line in project["dependencies"]}
+    extras = [line for extra, lines in project["optional-dependencies"].items()
+              if extra != "dev" for line in lines]  # optional features, not the test tools
+    declared = {_requirement_name(line) for line in [*project["dependencies"], *extras]}
     distributions = packages_distributions()
     undeclared = sorted({
         top for found in ALL_IMPORTS
