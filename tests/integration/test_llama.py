@@ -223,16 +223,19 @@ def chat_directly(server: LlamaServer, text: str) -> dict[str, Any]:
         return dict(json.load(response))
 
 
-SUMMARY = re.compile(r"(\d+)/(\d+) rows done \((\d+) ok, (\d+) errors? this run, "
-                     r"(\d+) from the checkpoint\); (\d+) requests")
+# batcher's summary line (batcher.summary.Summary): rows, ok and errors count the whole
+# results, checkpoint included; requests count this run's.
+SUMMARY = re.compile(r"([\d,]+) rows?: ([\d,]+) ok, ([\d,]+) errors? \(([\d,]+) from the "
+                     r"checkpoint\); this run: ([\d,]+) requests?")
 
 
 def summary_numbers(stderr: str) -> dict[str, int]:
     match = SUMMARY.search(stderr)
     assert match, f"no summary line in stderr:\n{stderr}"
-    done, total, ok, errors, from_checkpoint, requests = map(int, match.groups())
-    return {"done": done, "total": total, "ok": ok, "errors": errors,
-            "from_checkpoint": from_checkpoint, "requests": requests}
+    rows, ok, errors, from_checkpoint, requests = (int(group.replace(",", ""))
+                                                   for group in match.groups())
+    return {"rows": rows, "ok": ok, "errors": errors, "from_checkpoint": from_checkpoint,
+            "requests": requests}
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -249,8 +252,8 @@ def test_thirty_rows_get_real_replies_and_usage(llama_server: LlamaServer,
     assert result.returncode == 0, result.stderr
     frame = check_results(output)
     numbers = summary_numbers(result.stderr)
-    assert numbers == {"done": ROWS, "total": ROWS, "ok": ROWS, "errors": 0,
-                       "from_checkpoint": 0, "requests": ROWS}
+    assert numbers == {"rows": ROWS, "ok": ROWS, "errors": 0, "from_checkpoint": 0,
+                       "requests": ROWS}
     assert (frame["attempts"] == 1).all()
     assert llama_server.key not in result.stdout + result.stderr
 
@@ -379,7 +382,7 @@ def test_sigkill_then_resume_against_the_real_server(llama_server: LlamaServer,
         numbers = summary_numbers(result.stderr)
         # Nothing recorded is lost or asked again; only the unrecorded rows are sent.
         assert numbers["from_checkpoint"] == len(recorded)
-        assert numbers["ok"] == ROWS - len(recorded)
+        assert numbers["ok"] == ROWS and numbers["errors"] == 0
         assert numbers["requests"] == ROWS - len(recorded)
         check_results(output)
 
