@@ -32,16 +32,18 @@ PYPROJECT = PACKAGE.parent / "pyproject.toml"
 #: name (``mock_server``) covers every module of that subpackage.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # leaves: import nothing from batcher (the package facade loads lazily)
-    ("__init__", "errors", "records", "redact", "pricing", "mock_server"),
+    ("__init__", "errors", "records", "redact", "pricing", "mock_server", "budget", "safefiles",
+     "tally"),
     # the job's validated settings and the wire format
     ("config", "wire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
     ("inputs", "outputs", "checkpoint", "prompts", "retry", "limits", "client", "endpoints",
-     "progress", "batchfile"),
+     "progress", "batchfile", "tokens"),
     # the row pipeline and the runs around it (online, batch): checks before, the results write
     ("pipeline", "preflight", "finish", "runner", "batchmode"),
-    # a validated job run end to end, and its summary: the core the CLI and the API share
-    ("jobs", "summary"),
+    # a validated job run end to end, its summary, status and report: what the CLI and the
+    # API share
+    ("jobs", "summary", "status", "reporting"),
     # the Python API (the package: calls, frames, job files, results, the sync bridge)
     ("api",),
     # the command line
@@ -52,8 +54,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: ``None``: any module may.
 OWNERS: dict[str, tuple[str, ...] | None] = {
     "pyarrow": ("inputs", "outputs"),
-    "pandas": ("inputs", "outputs", "api.frames", "api.results"),
-    "numpy": ("inputs", "checkpoint", "batchmode"),  # compact per-row arrays
+    "pandas": ("inputs", "outputs", "api.frames", "api.results", "reporting"),
+    "numpy": ("inputs", "checkpoint", "batchmode", "tally", "reporting"),  # per-row arrays
+    "matplotlib": ("reporting",),
+    "genai_prices": ("pricing",),
+    "tiktoken": ("tokens",),
+    "bpe_openai": ("tokens",),
     "aiohttp": ("client", "mock_server"),
     "tqdm": ("progress",),
     "ipywidgets": ("progress",),  # optional (the notebook extra): the progress widget
