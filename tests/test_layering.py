@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "wire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
     ("inputs", "outputs", "checkpoint", "prompts", "retry", "limits", "client", "endpoints",
-     "progress", "batchfile", "tokens"),
+     "progress", "batchfile", "tokens", "keys"),
     # the row pipeline and the runs around it (online, batch): checks before, the results write
     ("pipeline", "preflight", "finish", "runner", "batchmode"),
     # a validated job run end to end, its summary, status and report: what the CLI and the
@@ -55,7 +55,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 OWNERS: dict[str, tuple[str, ...] | None] = {
     "pyarrow": ("inputs", "outputs"),
     "pandas": ("inputs", "outputs", "api.frames", "api.results", "reporting"),
-    "numpy": ("inputs", "checkpoint", "batchmode", "tally", "reporting"),  # per-row arrays
+    "numpy": None,  # compact per-row arrays wherever rows are counted or keyed
     "matplotlib": ("reporting",),
     "genai_prices": ("pricing",),
     "tiktoken": ("tokens",),
