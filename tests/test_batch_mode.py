@@ -8,6 +8,7 @@ the same rows.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import openai
 import pandas as pd
 import pytest
 from conftest import (
@@ -349,3 +351,29 @@ def test_rows_appended_while_batches_run_go_in_a_new_batch_not_online(
     assert counters(server)["batches_created"] == 2
     assert online_requests(server) == 0, "new rows are not sent at the online price"
     assert_complete(tmp_path, PROMPTS[:8])
+
+
+def test_a_batch_cancelled_at_the_service_keeps_its_finished_lines(
+        tmp_path: Path, make_mock: MakeMock) -> None:
+    server = make_mock(api_key=TEST_KEY, batch_phase_s=0.3)
+    job = batch_job(tmp_path, server, PROMPTS[:6])
+    assert run(str(job)).returncode == 0
+    state = (tmp_path / "out.ckpt.batch" / "state.json").read_bytes()
+    batch_id = json.loads(state)["shards"][0]["batch_id"]
+    openai.OpenAI(base_url=server.base_url, api_key=TEST_KEY).batches.cancel(batch_id)
+    time.sleep(0.5)
+
+    result = run(str(job), "--wait")
+    assert result.returncode == 1, result.stderr
+    assert "cancelled: 3 ok, 3 cancelled" in result.stderr
+    frame = results(tmp_path)
+    assert list(frame["status"]) == ["ok"] * 3 + ["error"] * 3
+    assert frame["error"].str.contains("cancelled before this request ran").sum() == 3
+    assert counters(server)["batches_created"] == 1
+
+    again = run(str(job), "--wait")  # error rows are sent again by the next run
+    assert again.returncode == 0, again.stderr
+    assert "planned 1 batch file with 3 requests" in again.stderr
+    assert counters(server)["batches_created"] == 2
+    assert sorted(server.stats.snapshot()["ok_prompts"].values()) == [1] * 6
+    assert_complete(tmp_path, PROMPTS[:6])
