@@ -188,8 +188,24 @@ def validate(job_file: Path) -> None:
 @click.option("--batch-phase", "batch_phase_s", type=click.FloatRange(min=0), default=0.0,
               show_default=True,
               help="Seconds each Batch API phase (validating, in_progress, finalizing) lasts.")
+@click.option("--window-kind", type=click.Choice(["sliding", "calendar", "from_first"]),
+              default="sliding", show_default=True,
+              help="Sliding windows, fixed calendar windows, or fixed from the first request.")
+@click.option("--off-by-one", is_flag=True,
+              help="Report one request more remaining than will be admitted.")
+@click.option("--ratelimit-scope", metavar="SCOPE",
+              help="Report limits under LiteLLM's names for SCOPE (api_key, team, ...).")
+@click.option("--rejection-style", type=click.Choice(["openai", "litellm_key", "litellm_router"]),
+              default="openai", show_default=True, help="Headers and body of the 429.")
+@click.option("--background-rpm", type=click.FloatRange(min=0.001),
+              help="Another client on the same key sends this many requests a minute.")
+@click.option("--no-limit-header", is_flag=True,
+              help="Send only the remaining count and reset time, not the limit.")
 def mock_server(port: int, latency_s: float, api_key_env: str | None, rpm: int | None,
-                tpm: int | None, window_s: float, batch_phase_s: float) -> None:
+                tpm: int | None, window_s: float, window_kind: str, off_by_one: bool,
+                ratelimit_scope: str | None, rejection_style: str,
+                background_rpm: float | None, no_limit_header: bool,
+                batch_phase_s: float) -> None:
     """Serve the built-in OpenAI-compatible test server on 127.0.0.1 (replies are simulated)."""
     key = None
     if api_key_env:
@@ -201,7 +217,14 @@ def mock_server(port: int, latency_s: float, api_key_env: str | None, rpm: int |
     try:
         serve_forever(MockConfig(port=port, latency_s=latency_s, api_key=key,
                                  requests_per_minute=rpm, tokens_per_minute=tpm,
-                                 window_s=window_s, batch_phase_s=batch_phase_s))
+                                 window_s=window_s,
+                                 window_kind=window_kind,  # type: ignore[arg-type]
+                                 remaining_off_by_one=off_by_one,
+                                 ratelimit_scope=ratelimit_scope,
+                                 rejection_style=rejection_style,  # type: ignore[arg-type]
+                                 background_rpm=background_rpm,
+                                 report_limit=not no_limit_header,
+                                 batch_phase_s=batch_phase_s))
     except (ValueError, OSError) as error:  # a bad flag combination, or the port is taken
         _say(f"batcher: error: mock-server: {error}", err=True)
         sys.exit(2)

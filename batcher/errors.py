@@ -98,6 +98,9 @@ class ApiError(Exception):
     type: str | None = None
     request_id: str | None = None
     retry_after_s: float | None = None
+    gateway_fault: bool = False
+    """The gateway itself failed (not the model behind it): fatal until a request succeeds,
+    since a gateway that has never answered is misconfigured, not overloaded."""
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # for rate-limit state
 
     def __str__(self) -> str:

@@ -269,10 +269,12 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
                 sending.budget.settle(hold, None, None)
             else:
                 _release(sending.budget, hold)  # an error answer: nothing billed
-            sending.limiter.observe(parse_rate_limits(error.headers), reservation.tokens)
+            sending.limiter.observe(parse_rate_limits(error.headers), reservation.tokens,
+                                    sent=reservation)
             failure = error
         else:
-            sending.limiter.observe(parse_rate_limits(response.headers), reservation.tokens)
+            sending.limiter.observe(parse_rate_limits(response.headers), reservation.tokens,
+                                    sent=reservation)
             completion = response.completion
             if completion.completion_tokens is not None:
                 sending.output_estimate.observe(completion.completion_tokens)
@@ -288,12 +290,13 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
             if problem is None:
                 return Outcome(_ok_result(completion, attempts, response.latency_s, cost))
             failure = ApiError(Verdict.RETRY, f"reply rejected: {problem}")
-        if failure.verdict is Verdict.ABORT:
+        # A gateway that fails in itself before anything got through is misconfigured.
+        if failure.verdict is Verdict.ABORT or (failure.gateway_fault and not sending.stats.ok):
             raise RunAborted(f"the server refused the run: {failure.message}; the "
                              "checkpoint is kept, fix the cause and run again")
         if failure.is_rate_limit:
             sending.stats.rate_limited += 1
-            sending.limiter.on_rate_limited()
+            sending.limiter.on_rate_limited(failure.retry_after_s)
         delay = sending.policy.delay_before_retry(attempts, failure, sending.rng)
         if delay is None:
             return Outcome(RowResult.failed(failure.message, attempts, failure.signature),

@@ -13,6 +13,7 @@ headers are one format, read together when a provider changes it.
 
 from __future__ import annotations
 
+import ast
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +39,14 @@ QUOTA_CODES = frozenset({
     "billing_not_active",
     "access_terminated",
 })
+# Codes/types a gateway uses for an answer about the key or its own configuration, not
+# about the request: every row would get the same answer, so the run stops (exit 3).
+GATEWAY_SETUP_CODES: Mapping[str, str] = {
+    "no_db_connection": ("the gateway could not check the API key (LiteLLM without its "
+                         "database answers this to any key but its master key)"),
+    "budget_exceeded": "the key's budget on the gateway is spent",
+    "auth_error": "the gateway refused the API key",
+}
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 ABORT_STATUSES = frozenset({401, 403})
 MAX_MESSAGE_CHARS = 300
@@ -117,6 +126,7 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str], *,
         data = None
     detail = describe_error(status, data, clean=clean)
     message = detail.message
+    gateway_fault = False
     if 300 <= status < 400:
         target = one_line(clean(headers.get("location", "elsewhere")))
         message = (f"HTTP {status}: the server redirects to {target}; batcher does not "
@@ -124,12 +134,26 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str], *,
     elif data is None and body:
         content_type = clean(headers.get("content-type", "unknown type").split(";")[0])
         message = f"HTTP {status} with a non-JSON body ({content_type})"
+        # Starlette/uvicorn answer an unhandled exception in the gateway itself with a
+        # plain-text 500; the backend's own failures come wrapped in JSON.
+        gateway_fault = status == 500 and content_type == "text/plain"
+        if gateway_fault:
+            message += (": the gateway itself failed, not the model; check the API key "
+                        "and the gateway's configuration (LiteLLM without its database "
+                        "answers a request with no key this way)")
     wrong_url = False
     if url is not None and status == 404 and detail.code is None:
         wrong_url = True
         message = not_found_message(url, message)
+    retry_after_s = parse_retry_after(headers, now=now)
+    if retry_after_s is None and status == 429:
+        retry_after_s = parse_rate_limits(headers).exhausted_reset_s()
     markers = {value for value in (detail.code, detail.type) if value}
-    if status in ABORT_STATUSES or (status == 429 and markers & QUOTA_CODES) or wrong_url:
+    setup = sorted(markers & GATEWAY_SETUP_CODES.keys())
+    if setup:
+        verdict = Verdict.ABORT
+        message = f"{GATEWAY_SETUP_CODES[setup[0]]}: {message}"
+    elif status in ABORT_STATUSES or (status == 429 and markers & QUOTA_CODES) or wrong_url:
         verdict = Verdict.ABORT
     elif status in RETRYABLE_STATUSES or status >= 500:
         verdict = Verdict.RETRY
@@ -142,7 +166,8 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str], *,
         code=detail.code,
         type=detail.type,
         request_id=headers.get("x-request-id") or headers.get("apim-request-id"),
-        retry_after_s=parse_retry_after(headers, now=now),
+        retry_after_s=retry_after_s,
+        gateway_fault=gateway_fault,
         headers=dict(headers),
     )
 
@@ -171,7 +196,12 @@ class ErrorDetail:
 
 def describe_error(status: int, data: Any, *,
                    clean: Callable[[str], str] = _verbatim) -> ErrorDetail:
-    """Pull message, code and type out of any of the error shapes servers send."""
+    """Pull message, code and type out of any of the error shapes servers send.
+
+    A gateway that wraps a backend's error (LiteLLM) puts the HTTP status again in
+    ``code`` and the backend's own error object, as JSON or as a Python literal, inside
+    its message: the status is shown once, and the backend's code, type and message win.
+    """
     detail: Any = data
     if isinstance(data, dict):
         detail = data.get("error", data)
@@ -186,45 +216,132 @@ def describe_error(status: int, data: Any, *,
         message = detail
     if message is None and isinstance(data, dict):
         message = data.get("detail") or data.get("message")
-    label = " ".join(str(part) for part in (code, kind) if part not in (None, ""))
+    code, kind = _meaningful(code, status), _meaningful(kind, status)
+    if isinstance(message, str):
+        inner = _wrapped_error(message)
+        if inner is not None:
+            message = inner.get("message") or message
+            code = _meaningful(inner.get("code"), status) or code
+            kind = _meaningful(inner.get("type"), status) or kind
+    label = " ".join(part for part in (code, kind) if part)
     prefix = f"HTTP {status}" + (f" {label}" if label else "")
     text = one_line(clean(str(message))) if message not in (None, "") else "no error message"
-    return ErrorDetail(
-        f"{prefix}: {text}",
-        code=None if code is None else str(code),
-        type=None if kind is None else str(kind),
-    )
+    return ErrorDetail(f"{prefix}: {text}", code=code, type=kind)
+
+
+def _meaningful(value: Any, status: int) -> str | None:
+    """A code or type worth showing: not empty, not the status again, not ``"None"``."""
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    text = str(value).strip()
+    if text in ("", "None", "null", str(status)):
+        return None
+    return text
+
+
+_WRAPPED_ERROR = re.compile(r"""\{\s*["']error["']\s*:""")
+
+
+def _wrapped_error(message: str) -> dict[str, Any] | None:
+    """The backend's error object embedded in a gateway's message, if there is one.
+
+    Parsed as a structure (JSON, else a Python literal as LiteLLM prints it), never
+    by searching the text for particular words.
+    """
+    match = _WRAPPED_ERROR.search(message)
+    if match is None:
+        return None
+    fragment = message[match.start():]
+    end = _balanced_end(fragment)
+    if end is None:
+        return None
+    fragment = fragment[:end]
+    parsed: Any
+    try:
+        parsed = orjson.loads(fragment)
+    except orjson.JSONDecodeError:
+        try:
+            parsed = ast.literal_eval(fragment)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+    inner = parsed.get("error") if isinstance(parsed, dict) else None
+    return inner if isinstance(inner, dict) else None
+
+
+def _balanced_end(text: str) -> int | None:
+    """Index just past the brace that closes the one opening ``text`` (quotes respected)."""
+    depth = 0
+    quote: str | None = None
+    escaped = False
+    for index, char in enumerate(text):
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
+
+
+#: Headers that say how long to wait, most precise first: OpenAI's and Azure's, then the
+#: forms LiteLLM passes on from its backend with an ``llm_provider-`` prefix (its router's
+#: own 429 carries only that).
+RETRY_AFTER_HEADERS = ("retry-after-ms", "retry-after", "llm_provider-retry-after-ms",
+                       "llm_provider-retry-after")
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """Seconds the server asks us to wait: ``retry-after-ms``, then ``retry-after``
-    as seconds or as an HTTP date."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            value = float(millis) / 1000
-            if value >= 0:
-                return value
-        except ValueError:
-            pass
-    seconds = headers.get("retry-after")
-    if not seconds:
-        return None
+    """Seconds the server asks us to wait, from the first of :data:`RETRY_AFTER_HEADERS`
+    present: ``*-ms`` in milliseconds, the others as seconds or as an HTTP date."""
+    for name in RETRY_AFTER_HEADERS:
+        raw = headers.get(name)
+        if not raw:
+            continue
+        value = (_millis(raw) if name.endswith("-ms")
+                 else _seconds_or_date(raw, time.time() if now is None else now))
+        if value is not None:
+            return value
+    return None
+
+
+def _millis(raw: str) -> float | None:
     try:
-        value = float(seconds)
+        value = float(raw) / 1000
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _seconds_or_date(raw: str, now: float) -> float | None:
+    try:
+        value = float(raw)
         return value if value >= 0 else None
     except ValueError:
         pass
     try:
-        when = parsedate_to_datetime(seconds).timestamp()
+        when = parsedate_to_datetime(raw).timestamp()
     except (TypeError, ValueError, IndexError):
         return None
-    return max(0.0, when - (time.time() if now is None else now))
+    return max(0.0, when - now)
 
 
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
-    """What the server said about its rate limits on one response (None: not sent)."""
+    """What the server said about its rate limits on one response (None: not sent).
+
+    Where several limits are reported (the account's and a gateway's per-key or
+    per-team limit), each figure is the tightest: the lowest limit, the lowest
+    remaining count, and the reset time of the limit with the least remaining.
+    """
 
     limit_requests: int | None = None
     remaining_requests: int | None = None
@@ -232,6 +349,13 @@ class ServerLimits:
     limit_tokens: int | None = None
     remaining_tokens: int | None = None
     reset_tokens_s: float | None = None
+
+    def exhausted_reset_s(self) -> float | None:
+        """When an exhausted limit refills (a 429 that names no retry-after)."""
+        waits = [reset for remaining, reset in ((self.remaining_requests, self.reset_requests_s),
+                                                (self.remaining_tokens, self.reset_tokens_s))
+                 if remaining == 0 and reset is not None]
+        return max(waits) if waits else None
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
@@ -260,33 +384,57 @@ def parse_duration(text: str) -> float | None:
     return total if position == len(text) and position > 0 else None
 
 
+#: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` in every placement of a scope
+#: seen in the wild: OpenAI's plain names and its project limit
+#: (``x-ratelimit-limit-project-tokens``), LiteLLM's per-key, per-team, per-user and
+#: per-model limits (``x-ratelimit-api_key-remaining-requests``,
+#: ``x-ratelimit-team-limit-tokens``), and OpenAI's ``-tokens_usage_based``.
+#: LiteLLM's ``max_parallel_requests`` is a concurrency limit, not a rate, and does not match.
+_RATE_HEADER = re.compile(
+    r"x-ratelimit-(?:([a-z_]+)-)?(limit|remaining|reset)-(?:([a-z_]+)-)?(requests|tokens)"
+    r"(?:_([a-z_]+))?")
+
+
 def parse_rate_limits(headers: Mapping[str, str]) -> ServerLimits:
-    """Read ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (lower-case keys).
+    """Read every rate-limit header (see :data:`_RATE_HEADER`) and keep the tightest.
 
-    Negative values (Azure sends ``-1`` when it does not track a limit) count as absent.
+    Header names must be lower-case (aiohttp's and the mock's are). Negative values
+    (Azure sends ``-1`` when it does not track a limit) count as absent.
     """
-    def count(name: str) -> int | None:
-        raw = headers.get(name)
-        if raw is None:
-            return None
-        try:
-            value = int(float(raw))
-        except ValueError:
-            return None
-        return value if value >= 0 else None
+    scopes: dict[tuple[str, str], dict[str, float]] = {}
+    for name, raw in headers.items():
+        if not name.startswith("x-ratelimit-"):
+            continue
+        match = _RATE_HEADER.fullmatch(name)
+        if match is None:
+            continue
+        before, field_name, middle, kind, after = match.groups()
+        value = parse_duration(raw) if field_name == "reset" else _count(raw)
+        if value is None:
+            continue
+        scope = before or middle or after or ""
+        scopes.setdefault((kind, scope), {})[field_name] = value
+    found: dict[str, tuple[int | None, int | None, float | None]] = {}
+    for kind in ("requests", "tokens"):
+        reports = [fields for (name, _scope), fields in scopes.items() if name == kind]
+        limits = [int(fields["limit"]) for fields in reports if "limit" in fields]
+        tightest = min((fields for fields in reports if "remaining" in fields),
+                       key=lambda fields: fields["remaining"], default=None)
+        remaining = None if tightest is None else int(tightest["remaining"])
+        resets = [fields["reset"] for fields in reports if "reset" in fields]
+        reset = tightest.get("reset") if tightest is not None else None
+        if reset is None and resets:
+            reset = max(resets)
+        found[kind] = (min(limits) if limits else None, remaining, reset)
+    return ServerLimits(*found["requests"], *found["tokens"])
 
-    def duration(name: str) -> float | None:
-        raw = headers.get(name)
-        return None if raw is None else parse_duration(raw)
 
-    return ServerLimits(
-        limit_requests=count("x-ratelimit-limit-requests"),
-        remaining_requests=count("x-ratelimit-remaining-requests"),
-        reset_requests_s=duration("x-ratelimit-reset-requests"),
-        limit_tokens=count("x-ratelimit-limit-tokens"),
-        remaining_tokens=count("x-ratelimit-remaining-tokens"),
-        reset_tokens_s=duration("x-ratelimit-reset-tokens"),
-    )
+def _count(raw: str) -> int | None:
+    try:
+        value = int(float(raw))
+    except (ValueError, OverflowError):
+        return None
+    return value if value >= 0 else None
 
 
 def one_line(text: str) -> str:

@@ -1,4 +1,4 @@
-"""Run all five benchmarks one after another and print every figure.
+"""Run every benchmark one after another and print every figure.
 
 Each benchmark runs as its own process (they must not share the machine's
 two cores with each other); their output is passed through as it comes,
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("utilization", "overhead", "memory", "resume", "rerun")
+BENCHMARKS = ("utilization", "overhead", "memory", "resume", "rerun", "sharing")
 PROFILED = ("overhead", "resume")
 
 

@@ -20,7 +20,7 @@ from .calls import BadRequest, Call, parse_call
 from .config import MockConfig
 from .fault_replies import FaultContext, render_fault
 from .faults import FaultPlanner, UnknownFault
-from .ratelimit import RateLimiter, retry_headers
+from .ratelimit import RateLimiter
 from .responses import Reply, dumps, error_body, invalid_key_body, new_request_id, success_reply
 from .sleeper import Sleeper
 from .stats import MockStats
@@ -41,6 +41,14 @@ class MockState:
             config.tokens_per_minute,
             config.window_s,
             send_headers=config.ratelimit_headers,
+            window_kind=config.window_kind,
+            remaining_off_by_one=config.remaining_off_by_one,
+            scope=config.ratelimit_scope,
+            rejection_style=config.rejection_style,
+            background_rpm=config.background_rpm,
+            background_tokens=config.background_tokens,
+            report_limit=config.report_limit,
+            now=time.monotonic(),
         )
         self.planner = FaultPlanner(config.faults, config.seed)
         self.sleeper = Sleeper()
@@ -178,8 +186,7 @@ async def _chat(request: web.Request, deployment: str | None) -> web.Response:
         verdict = limiter.admit(now, call.charge)
         ratelimit = verdict.headers
         if verdict.rejection is not None:
-            wait = verdict.rejection.retry_after_s
-            headers = retry_headers(wait) if wait is not None else {}
+            headers = limiter.rejection_headers(verdict.rejection)
             body = limiter.error_body(model, verdict.rejection)
             return _respond(Reply(429, body, headers=headers), ratelimit, echo_key=echo)
 
@@ -237,7 +244,10 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _stats(request: web.Request) -> web.Response:
-    return _json(200, request.app[STATE].stats.public())
+    state = request.app[STATE]
+    limiter = state.limiter
+    background = {"admitted": limiter.background_admitted, "dropped": limiter.background_dropped}
+    return _json(200, {**state.stats.public(), "background": background})
 
 
 async def _reset(request: web.Request) -> web.Response:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import get_args
 
 from .fault_replies import FAULT_KINDS
+from .ratelimit import RejectionStyle, WindowKind
 
 
 def check_loopback(host: str) -> None:
@@ -86,6 +88,21 @@ class MockConfig:
       ``usage.prompt_tokens_details`` (at most the prompt's tokens);
       ``reasoning_tokens``: added to every reply's ``completion_tokens`` and
       reported in ``completion_tokens_details``, as a reasoning model does.
+    * ``window_kind``: ``sliding`` (default), ``calendar`` (fixed windows on
+      multiples of ``window_s`` of wall-clock time, as LiteLLM's router counts
+      calendar minutes) or ``from_first`` (fixed windows from the first request, as
+      LiteLLM's per-key limiter). ``remaining_off_by_one`` reports one request more
+      remaining than will be admitted (LiteLLM's router).
+    * ``ratelimit_scope``: report the limits under LiteLLM's per-scope names
+      (``api_key``: ``x-ratelimit-api_key-remaining-requests``; ``team``...), with
+      no reset header. ``rejection_style``: the 429's headers and body: ``openai``,
+      ``litellm_key`` (``retry-after`` of a whole window, ``rate_limit_type``,
+      ``reset_at``) or ``litellm_router`` (only ``llm_provider-retry-after``).
+    * ``background_rpm``: another client on the same key, sending this many
+      requests a minute evenly (``background_tokens`` each) into the same windows;
+      a request of its that does not fit is dropped. ``/_mock/stats`` counts both.
+    * ``report_limit``: False sends only the remaining count and reset time, no
+      limit (a router enforcing a deployment limit the client is not told).
     """
 
     host: str = "127.0.0.1"
@@ -110,6 +127,13 @@ class MockConfig:
     download_latency_s: float = 0.0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    window_kind: WindowKind = "sliding"
+    remaining_off_by_one: bool = False
+    ratelimit_scope: str | None = None
+    rejection_style: RejectionStyle = "openai"
+    background_rpm: float | None = None
+    background_tokens: int = 0
+    report_limit: bool = True
 
     def __post_init__(self) -> None:
         check_loopback(self.host)
@@ -134,6 +158,20 @@ class MockConfig:
                     f"MockConfig.{name}: {limit} per minute allows less than one per "
                     f"{self.window_s:g}s window; raise the limit or window_s"
                 )
+        if self.window_kind not in get_args(WindowKind):
+            raise ValueError(f"MockConfig.window_kind: one of {get_args(WindowKind)}, "
+                             f"got {self.window_kind!r}")
+        if self.rejection_style not in get_args(RejectionStyle):
+            raise ValueError(f"MockConfig.rejection_style: one of {get_args(RejectionStyle)}, "
+                             f"got {self.rejection_style!r}")
+        if self.ratelimit_scope is not None and not self.ratelimit_scope.replace("_", "").isalpha():
+            raise ValueError("MockConfig.ratelimit_scope: letters and underscores only, "
+                             f"got {self.ratelimit_scope!r}")
+        if self.background_rpm is not None and self.background_rpm <= 0:
+            raise ValueError(f"MockConfig.background_rpm: must be > 0, got {self.background_rpm}")
+        if self.background_tokens < 0:
+            raise ValueError(
+                f"MockConfig.background_tokens: must be >= 0, got {self.background_tokens}")
         for rule in self.faults:
             if not isinstance(rule, FaultRule):
                 raise ValueError(f"MockConfig.faults: expected FaultRule items, got {rule!r}")

@@ -5,7 +5,7 @@ kind cannot be listed without a reply or rendered without being listed.
 ``drop`` and ``stall`` map to None: they change how the app answers (it closes
 the connection, or waits), not what it says, so the app handles those two
 itself. Bodies copy real traffic as recorded in the wire reference (OpenAI,
-Azure, vLLM, llama.cpp).
+Azure, vLLM, llama.cpp) and LiteLLM's proxy.
 """
 
 from __future__ import annotations
@@ -116,6 +116,19 @@ def _context_too_long(fault: FaultContext) -> Reply:
     return Reply(400, body)
 
 
+def _litellm_context(fault: FaultContext) -> Reply:
+    """LiteLLM wrapping its backend's error: the status again as a string ``code``, the
+    backend's own error object printed (as a Python literal) into the message."""
+    inner = {"error": {"message": (
+        "This model's maximum context length is 8192 tokens. However, your messages "
+        f"resulted in {max(8193, fault.call.prompt_tokens)} tokens."),
+        "type": "invalid_request_error", "param": "messages",
+        "code": "context_length_exceeded"}}
+    message = f"litellm.BadRequestError: OpenAIException - Error code: 400 - {inner!r}"
+    return Reply(400, {"error": {"message": message, "type": None, "param": None,
+                                 "code": "400"}})
+
+
 def _malformed(fault: FaultContext) -> Reply:
     text = reply_for(fault.call.prompt)
     whole = dumps(completion_body(fault.model, fault.call.prompt_tokens, [text], "stop"))
@@ -171,6 +184,13 @@ FAULTS: dict[str, Render | None] = {
     "azure_429": lambda f: Reply(429, {"error": {"code": "429", "message": _AZURE_429}},
                                  headers=retry_headers(f.retry_after_s)),
     "azure_filter": lambda f: Reply(400, _AZURE_FILTER),
+    "litellm_context": _litellm_context,
+    # LiteLLM without its database: a key other than its master key, and no key at all.
+    "litellm_no_db": lambda f: Reply(400, {"error": {
+        "message": "No connected db.", "type": "no_db_connection", "param": "None",
+        "code": "400"}}),
+    "litellm_no_key": lambda f: Reply(500, b"Internal Server Error", content_type="text/plain",
+                                      ratelimit_headers=False),
     "malformed": _malformed,
     "error_200": lambda f: Reply(200, error_body(_SERVER_ERROR, "server_error")),
     "empty_choices": lambda f: Reply(

@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,8 +25,8 @@ class MockProcess:
 
     def __init__(self, *, latency_s: float = 0.0, rpm: int | None = None,
                  tpm: int | None = None, window_s: float | None = None,
-                 log_folder: Path | None = None) -> None:
-        self.args = ["--port", "0", "--latency", f"{latency_s:g}"]
+                 log_folder: Path | None = None, extra: Sequence[str] = ()) -> None:
+        self.args = ["--port", "0", "--latency", f"{latency_s:g}", *extra]
         if rpm is not None:
             self.args += ["--rpm", str(rpm)]
         if tpm is not None:
