@@ -27,7 +27,8 @@ from typing import IO, Any
 import orjson
 
 from batcher.errors import ApiError
-from batcher.records import STATUS_OK, RowResult
+from batcher.records import STATUS_ERROR, STATUS_OK, RowResult
+from batcher.structured import ReplyProblem, ReplySchema
 from batcher.wire import classify_error, one_line, parse_completion
 
 BATCH_URL = "/v1/chat/completions"
@@ -136,6 +137,7 @@ class LineKind(Enum):
     HTTP_ERROR = "http_error"  # response.status_code not 2xx (0 included)
     LINE_ERROR = "line_error"  # the line's error is set
     BAD_BODY = "bad_body"  # a 2xx whose body is not a chat completion
+    BAD_REPLY = "bad_reply"  # a completion whose reply fails output.schema (reply kept)
     MISSING = "missing"  # in neither file of a finished batch
     INVALID = "invalid"  # the batch failed validation
     CANCELLED = "cancelled"  # the batch was cancelled before this line ran
@@ -175,7 +177,7 @@ def _error(kind: LineKind, reason: str) -> Outcome:
     return Outcome(kind, RowResult.failed(one_line(f"batch: {reason}"), 1, f"batch {kind.value}"))
 
 
-def _line_outcome(line: dict[str, Any]) -> Outcome:
+def _line_outcome(line: dict[str, Any], schema: ReplySchema | None) -> Outcome:
     error = line.get("error")
     response = line.get("response")
     if isinstance(error, dict) and error:
@@ -198,19 +200,31 @@ def _line_outcome(line: dict[str, Any]) -> Outcome:
         completion = parse_completion(body)
     except ApiError as problem:
         return _error(LineKind.BAD_BODY, problem.message)
-    return Outcome(LineKind.OK, RowResult(
-        reply=completion.reply, finish_reason=completion.finish_reason,
+    choices = completion.choices
+    chosen, rejected = 0, None
+    if schema is not None:  # the same check as online; asking again is the fallback's job
+        verdict = schema.check_choices([(c.reply, c.finish_reason, c.refusal) for c in choices])
+        if isinstance(verdict, ReplyProblem):
+            rejected = one_line(f"batch: {verdict.message}")
+        else:
+            chosen = verdict[0]
+    choice = choices[chosen]
+    return Outcome(LineKind.OK if rejected is None else LineKind.BAD_REPLY, RowResult(
+        reply=choice.reply, finish_reason=choice.finish_reason,
         prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
         total_tokens=completion.total_tokens, cached_tokens=completion.cached_tokens,
-        reasoning_tokens=completion.reasoning_tokens, refusal=completion.refusal,
-        status=STATUS_OK, error=None, attempts=1, latency_s=None))
+        reasoning_tokens=completion.reasoning_tokens, refusal=choice.refusal,
+        status=STATUS_OK if rejected is None else STATUS_ERROR, error=rejected, attempts=1,
+        latency_s=None, replies=[c.reply for c in choices] if len(choices) > 1 else None))
 
 
 def reconcile(submitted: Sequence[str], lines: Iterable[bytes], status: str,
-              validation_errors: Sequence[dict[str, Any]] = ()) -> Reconciliation:
+              validation_errors: Sequence[dict[str, Any]] = (), *,
+              schema: ReplySchema | None = None) -> Reconciliation:
     """Outcomes for ``submitted`` (in the input file's order) from a batch in a
     final ``status``, its output and error file ``lines``, and for a ``failed``
-    batch its ``errors.data``."""
+    batch its ``errors.data``; with the job's reply ``schema``, a completion
+    whose replies all fail it is a ``bad_reply`` error with the reply kept."""
     result = Reconciliation()
     wanted = set(submitted)
     if status == "failed":
@@ -242,7 +256,7 @@ def reconcile(submitted: Sequence[str], lines: Iterable[bytes], status: str,
         if line_id in result.outcomes:
             result.duplicates += 1
             continue
-        result.outcomes[line_id] = _line_outcome(line)
+        result.outcomes[line_id] = _line_outcome(line, schema)
     for custom_id in submitted:
         if custom_id in result.outcomes:
             continue

@@ -544,8 +544,10 @@ class BatchRun:
         errors = batch.get("errors")
         problems = errors.get("data") if isinstance(errors, dict) else None
         submitted = shard_ids(state.folder / shard.file)
+        output = self.job.output
         outcome = reconcile(submitted, _lines(files), status,
-                            problems if isinstance(problems, list) else [])
+                            problems if isinstance(problems, list) else [],
+                            schema=output.reply_schema if output is not None else None)
         unfinished: list[str] = []
         for name, line in outcome.outcomes.items():
             if line.result is None:

@@ -171,6 +171,15 @@ def validate(job_file: Path) -> None:
         job = load_job(job_file)
         prepared = jobs.check_job(job)
         _say(f"{job_file}: ok ({prepared.rows} rows in {job.input.path.name})")
+        schema = job.output.reply_schema if job.output is not None else None
+        if schema is not None:
+            assert job.output is not None
+            names = ", ".join(job.output.schema_prefix + name for name in schema.properties)
+            how = {"json_schema": "as response_format json_schema, strict" if schema.strict
+                   else f"as response_format json_schema, not strict ({schema.strict_problem})",
+                   "json_object": "as response_format json_object with its schema",
+                   "prompt": "in the prompt"}[job.output.schema_mode]
+            _say(f"output.schema: columns {names}; sent {how}")
 
     _report_errors(check)
 

@@ -8,9 +8,11 @@ positive number``); the key itself is never echoed when it looks secret.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -19,10 +21,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from batcher.errors import ConfigError
+from batcher.records import OPTIONAL_COLUMNS, RESULT_COLUMNS
 from batcher.redact import SECRET_QUERY_PARAMS
+from batcher.structured import ReplySchema, SchemaError, SchemaMode
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 INPUT_SUFFIXES = (".csv", ".parquet", ".jsonl")
@@ -200,6 +205,9 @@ class RetrySpec(_Spec):
     max_delay_s: PositiveFloat = 60.0
     # Rows in a row failing the same way: the input is not at fault row by row.
     stop_after_identical_failures: PositiveInt = 20
+    # With output.schema: a reply that is not valid JSON, breaks the schema or was cut
+    # off is asked again this many times before the row fails.
+    invalid_reply_retries: NonNegativeInt = 2
 
 
 class BatchSpec(_Spec):
@@ -232,12 +240,38 @@ class OutputSpec(_Spec):
     # Prefix CSV cells starting with = + - @ (or tab, CR) with ' so a spreadsheet shows
     # them as text instead of running them as formulas. Off by default: see the README.
     csv_escape_formulas: bool = False
+    # A JSON Schema for the replies (a path to a .json file is loaded at the edge).
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_mode: Literal["json_schema", "json_object", "prompt"] = "json_schema"
+    schema_prefix: str = ""
 
     @model_validator(mode="after")
     def _known_format(self) -> OutputSpec:
         if self.path.suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"path: must end in {', '.join(OUTPUT_SUFFIXES)}")
+        if self.schema_ is not None:
+            try:
+                schema = self.reply_schema
+            except SchemaError as exc:
+                raise ValueError(f"schema: {exc}") from None
+            assert schema is not None
+            taken = [self.schema_prefix + name for name in schema.properties
+                     if self.schema_prefix + name in (*RESULT_COLUMNS, *OPTIONAL_COLUMNS)]
+            if taken:
+                raise ValueError(f"schema: property '{taken[0][len(self.schema_prefix):]}' "
+                                 f"would be the column '{taken[0]}', a result column's name; "
+                                 "set output.schema_prefix (e.g. 'reply_') or rename it")
+        elif self.schema_mode != "json_schema" or self.schema_prefix:
+            key = "schema_mode" if self.schema_mode != "json_schema" else "schema_prefix"
+            raise ValueError(f"{key}: only means something with output.schema")
         return self
+
+    @cached_property
+    def reply_schema(self) -> ReplySchema | None:
+        """The compiled schema (None when the job sets none)."""
+        if self.schema_ is None:
+            return None
+        return ReplySchema(self.schema_, SchemaMode(self.schema_mode))
 
     @property
     def checkpoint_path(self) -> Path:
@@ -286,6 +320,19 @@ class Job(_Spec):
                              "params.max_tokens (or max_completion_tokens), so the most a "
                              "request can cost is known before it is sent")
         return self
+
+    @cached_property
+    def request_params(self) -> dict[str, Any]:
+        """``params`` as sent: with the reply schema's ``response_format`` added, unless
+        ``params`` sets one."""
+        schema = self.output.reply_schema if self.output is not None else None
+        return self.params if schema is None else schema.request_params(self.params)
+
+    @property
+    def choices(self) -> int:
+        """Choices asked per request (``params.n``; 1 unless set)."""
+        value = self.params.get("n")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -357,11 +404,14 @@ def load_job(path: Path, *, require_output: bool = True) -> Job:
 
 
 def job_from_dict(data: dict[str, Any], *, base_dir: Path, source: str,
-                  require_output: bool) -> Job:
-    """Validate a job given as plain data (from YAML or from the Python API)."""
+                  require_output: bool, schema_dir: Path | None = None) -> Job:
+    """Validate a job given as plain data (from YAML or from the Python API).
+
+    Relative paths resolve against ``base_dir``; ``output.schema``'s against
+    ``schema_dir`` when given."""
     _refuse_oversized(data, source)
     refuse_literal_secrets(data, source)
-    data = _resolve_paths(data, base_dir, source)
+    data = _resolve_paths(data, base_dir, source, schema_dir or base_dir)
     try:
         job = Job.model_validate(data)
     except ValidationError as exc:
@@ -456,7 +506,8 @@ def _walk(data: Any, prefix: str) -> Iterator[tuple[str, str, Any]]:
             yield from _walk(value, f"{prefix}[{index}]")
 
 
-def _resolve_paths(data: dict[str, Any], base_dir: Path, source: str) -> dict[str, Any]:
+def _resolve_paths(data: dict[str, Any], base_dir: Path, source: str,
+                   schema_dir: Path) -> dict[str, Any]:
     resolved = dict(data)
     for section, keys in (("input", ("path",)), ("output", ("path", "checkpoint"))):
         block = resolved.get(section)
@@ -474,8 +525,38 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path, source: str) -> dict[st
                               else path.parent.resolve() / path.name)
             elif value is not None and not isinstance(value, Path):
                 block[key] = value  # left for validation to reject with the key's name
+        if "schema" in block:
+            block["schema"] = _schema_value(block["schema"], schema_dir, source)
         resolved[section] = block
     return resolved
+
+
+def _schema_value(value: Any, base_dir: Path, source: str) -> Any:
+    """``output.schema`` as a dict: given inline, as a pydantic model class, or as the
+    path of a JSON file (relative to the job file)."""
+    if isinstance(value, type) and issubclass(value, BaseModel):
+        return value.model_json_schema()
+    if not isinstance(value, str | Path):
+        return value  # a dict, or a wrong type for validation to name
+    if "\x00" in str(value):
+        raise ConfigError(f"{source}: output.schema: the path contains a NUL byte")
+    path = (base_dir / Path(value).expanduser()).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: output.schema: {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: output.schema: {path}: cannot read it "
+                          f"({exc.__class__.__name__})") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: output.schema: {path}: not valid JSON ({exc.msg} at line "
+                          f"{exc.lineno} column {exc.colno})") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{source}: output.schema: {path}: must hold a JSON object "
+                          "(a JSON Schema)")
+    return schema
 
 
 _NAMED_MESSAGE = re.compile(r"^[A-Za-z_][\w.\[\]]*: ")
@@ -511,7 +592,7 @@ def _allowed_keys(parent: list[str]) -> list[str]:
         if not candidates:
             return []
         model = candidates[0]
-    return list(model.model_fields)
+    return [field.alias or name for name, field in model.model_fields.items()]
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -35,7 +35,7 @@ import orjson
 from batcher.checkpoint import Checkpoint
 from batcher.inputs import typed_columns
 from batcher.keys import request_identity
-from batcher.outputs import NO_OUTCOME, attach_results, results_schema, write_results
+from batcher.outputs import NO_OUTCOME, ResultLayout, write_results
 from batcher.pipeline import batch_keys
 from batcher.preflight import Prepared
 from batcher.progress import INPUT_ERROR_CLASS
@@ -88,7 +88,10 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
         rows = prepared.row_count
         tally = _tally_store(checkpoint, remade)
         return Written(path, rows, rows - tally.ok, rewritten=False, tally=tally)
-    schema = results_schema(prepared.output_schema)
+    output = prepared.job.output
+    assert output is not None
+    layout = ResultLayout(prepared.output_schema, choices=prepared.job.choices,
+                          reply_schema=output.reply_schema, prefix=output.schema_prefix)
     failed = 0
     tally = Tally()
     sent, reused = SOURCES.index(SOURCE_SENT), SOURCES.index(SOURCE_REUSED)
@@ -111,12 +114,10 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
                 if record is not None:
                     record[SOURCE_COLUMN] = SOURCES[code]
             typed = typed_columns(batch, prepared.output_schema)
-            yield attach_results(typed, records, schema)
+            yield layout.attach(typed, records)
             position = end
 
-    output = prepared.job.output
-    assert output is not None
-    rows = write_results(path, schema, batches(),
+    rows = write_results(path, layout.schema, batches(),
                          csv_escape_formulas=output.csv_escape_formulas)
     checkpoint.sync()
     _write_stamp(stamp_path, {**stamp, **_file_identity(path)})
@@ -157,7 +158,8 @@ def _stamp(prepared: Prepared, checkpoint: Checkpoint) -> dict[str, Any]:
     """What a results file is written from: the job, the input, the limit, the store."""
     job = prepared.job
     shaping = {"requests": request_identity(job), "prompt": job.prompt.model_dump(),
-               "id_column": job.input.id_column}
+               "id_column": job.input.id_column,
+               "schema_prefix": job.output.schema_prefix if job.output else ""}
     digest = hashlib.blake2b(orjson.dumps(shaping, option=orjson.OPT_SORT_KEYS),
                              digest_size=16).hexdigest()
     return {"job": digest, "input": prepared.input_digest, "limit": prepared.limit,

@@ -1,7 +1,8 @@
 """A row's identity: its request, not its place in a file.
 
 A row's key is a 128-bit hash of its id and of everything that shapes what
-is sent for it: the rendered messages, the model, the params, and the kind
+is sent for it: the rendered messages, the model, the params, the reply
+schema and its mode (``output.schema``), and the kind
 of endpoint where that changes what answers (an Azure deployment, the
 built-in mock server). The input file's bytes, its other columns, the
 limits, retries, timeouts and the endpoint's URL are not part of it, so a
@@ -42,8 +43,12 @@ def request_identity(job: Job) -> dict[str, Any]:
         kind = {"kind": "azure", "deployment": endpoint.azure.deployment}
     else:
         kind = {"kind": "chat"}
-    return {"v": KEY_VERSION, "model": job.model, "params": job.params,
-            "system": job.prompt.system, "endpoint": kind}
+    identity = {"v": KEY_VERSION, "model": job.model, "params": job.params,
+                "system": job.prompt.system, "endpoint": kind}
+    schema = job.output.reply_schema if job.output is not None else None
+    if schema is not None:  # only when set, so jobs without one keep their keys
+        identity["schema"] = [schema.mode.value, schema.schema]
+    return identity
 
 
 def shared_digest(job: Job) -> bytes:

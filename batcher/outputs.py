@@ -26,8 +26,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.errors import OutputError
-from batcher.records import FLOAT_COLUMNS, INTEGER_COLUMNS, RESULT_COLUMNS, RowResult
+from batcher.records import (
+    FLOAT_COLUMNS,
+    INTEGER_COLUMNS,
+    OPTIONAL_COLUMNS,
+    RESULT_COLUMNS,
+    STATUS_OK,
+    RowResult,
+)
 from batcher.safefiles import check_path
+from batcher.schema_columns import SchemaColumns
+from batcher.structured import ReplySchema
 
 # OWASP's list for CSV injection: what a spreadsheet may take as the start of a formula.
 _FORMULA_START = r"^([=+\-@\t\r])"
@@ -42,15 +51,6 @@ def result_fields() -> list[pa.Field]:
         return pa.string()
 
     return [pa.field(name, arrow_type(name)) for name in RESULT_COLUMNS]
-
-
-def results_schema(input_schema: pa.Schema) -> pa.Schema:
-    """The input's columns, then the result columns; pandas metadata (an input
-    written from a DataFrame has it) is kept and extended, so ``pd.read_parquet``
-    gives back the input's dtypes and nullable ``Int64`` token columns."""
-    fields = result_fields()
-    return pa.schema(list(input_schema) + fields,
-                     metadata=_pandas_metadata(input_schema.metadata, fields))
 
 
 def _pandas_metadata(metadata: dict[bytes, bytes] | None, fields: list[pa.Field]
@@ -71,16 +71,47 @@ def _pandas_metadata(metadata: dict[bytes, bytes] | None, fields: list[pa.Field]
 NO_OUTCOME = RowResult.failed("no outcome recorded", 0, "no outcome").to_dict()
 
 
-def attach_results(batch: pa.RecordBatch, records: list[dict[str, Any] | None],
-                   schema: pa.Schema) -> pa.RecordBatch:
-    """The input batch with the result columns appended, from checkpoint records
-    (a row without one becomes an error row)."""
-    rows = [record if record is not None else NO_OUTCOME for record in records]
-    columns = list(batch.columns)
-    for field in result_fields():
-        name = field.name
-        columns.append(pa.array([row.get(name) for row in rows], type=field.type))
-    return pa.RecordBatch.from_arrays(columns, schema=schema)
+class ResultLayout:
+    """The results file's columns, in order: every input column, the result columns,
+    ``replies`` when the job asks for several choices, then one typed column per
+    property of the reply schema (:class:`~batcher.schema_columns.SchemaColumns`,
+    filled from the ``reply`` of each ``ok`` row).
+
+    Pandas metadata (an input written from a DataFrame has it) is kept and
+    extended, so ``pd.read_parquet`` gives back the input's dtypes and
+    nullable ``Int64`` integer columns.
+    """
+
+    def __init__(self, input_schema: pa.Schema, *, choices: int = 1,
+                 reply_schema: ReplySchema | None = None, prefix: str = "") -> None:
+        self._many = choices > 1
+        self.schema_columns = (None if reply_schema is None
+                               else SchemaColumns(reply_schema, prefix))
+        fields = result_fields()
+        if self._many:
+            fields.append(pa.field(OPTIONAL_COLUMNS[0], pa.list_(pa.string())))
+        if self.schema_columns is not None:
+            fields.extend(self.schema_columns.fields())
+        self.schema = pa.schema(list(input_schema) + fields,
+                                metadata=_pandas_metadata(input_schema.metadata, fields))
+
+    def attach(self, batch: pa.RecordBatch, records: list[dict[str, Any] | None]
+               ) -> pa.RecordBatch:
+        """The input batch with the result columns appended, from checkpoint records
+        (a row without one becomes an error row)."""
+        rows = [record if record is not None else NO_OUTCOME for record in records]
+        columns = list(batch.columns)
+        for field in result_fields():
+            name = field.name
+            columns.append(pa.array([row.get(name) for row in rows], type=field.type))
+        if self._many:
+            columns.append(pa.array([row.get(OPTIONAL_COLUMNS[0]) for row in rows],
+                                    type=pa.list_(pa.string())))
+        if self.schema_columns is not None:
+            values = [self.schema_columns.values_of(row.get("reply"))
+                      if row.get("status") == STATUS_OK else None for row in rows]
+            columns.extend(self.schema_columns.arrays(values))
+        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
 
 class _BatchWriter(Protocol):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import orjson
@@ -42,8 +42,9 @@ from batcher.limits import OutputEstimate, RateLimiter, Sleep
 from batcher.pricing import Price, Usage
 from batcher.progress import INPUT_ERROR_CLASS, RunStats
 from batcher.prompts import PromptRenderer
-from batcher.records import STATUS_OK, RowResult
+from batcher.records import STATUS_ERROR, STATUS_OK, RowResult
 from batcher.retry import RetryPolicy
+from batcher.structured import ReplyProblem, ReplySchema
 from batcher.wire import (
     Completion,
     classify_error,
@@ -66,9 +67,34 @@ class Sender(Protocol):
     async def send(self, body: bytes) -> Response: ...
 
 
-Validator = Callable[[Completion], str | None]
-"""Checks a reply: returns why it is unacceptable (the row is tried again,
-as after a transient error), or None to accept it."""
+class Rejection(Protocol):
+    """Why a reply is not acceptable (``batcher.structured.ReplyProblem`` is one)."""
+
+    @property
+    def message(self) -> str: ...  # one line, for the results' ``error``
+    @property
+    def retryable(self) -> bool: ...  # whether asking again may help
+    @property
+    def signature(self) -> str: ...  # what makes two failed rows fail "the same way"
+
+
+Validator = Callable[[Completion], "int | Rejection"]
+"""Judges a reply: the index of the choice that is the row's answer, or why no
+choice is acceptable. A retryable rejection is asked again at once (the server
+did nothing wrong), up to ``Sending.invalid_reply_retries`` times; after that,
+or at once when it is not retryable, the row fails with the reply kept."""
+
+
+def schema_validator(schema: ReplySchema) -> Validator:
+    """The validator of a job's ``output.schema``: the first choice that is valid data."""
+
+    def judge(completion: Completion) -> int | Rejection:
+        verdict = schema.check_choices(
+            [(choice.reply, choice.finish_reason, choice.refusal)
+             for choice in completion.choices])
+        return verdict if isinstance(verdict, ReplyProblem) else verdict[0]
+
+    return judge
 
 
 @dataclass(slots=True)
@@ -111,7 +137,7 @@ class Outcome:
     """How a row ended: its result, and the last error when it failed."""
 
     result: RowResult
-    failure: ApiError | None = None
+    failure: ApiError | Rejection | None = None
 
 
 # -- read, key, render -------------------------------------------------------------------------
@@ -161,7 +187,7 @@ def row_request(row: PendingRow, job: Job, renderer: PromptRenderer) -> RowReque
     if rendered.messages is None:
         return RowResult.failed(rendered.problem or "", 0, INPUT_ERROR_CLASS)
     return RowRequest(row.position, row.key, row.request_hash,
-                      request_body(job.model, rendered.messages, job.params),
+                      request_body(job.model, rendered.messages, job.request_params),
                       rendered.prompt_tokens_estimate)
 
 
@@ -209,9 +235,9 @@ class Sending:
 
     ``stopping`` is polled between steps: once it is true a row gives up
     without an outcome (it is sent again by the next run). ``validate``, when
-    set, is asked about every reply; a rejected reply is retried like a
-    transient error and the row fails with the validator's reason when the
-    attempts run out.
+    set, is asked about every reply (see :data:`Validator`); rejected replies
+    are asked again up to ``invalid_reply_retries`` times, a budget apart
+    from the policy's attempts, which count failed requests.
     """
 
     sender: Sender
@@ -227,16 +253,20 @@ class Sending:
     validate: Validator | None = None
     price: Price | None = None  # a row's cost_usd; None: no price known
     budget: Budget | None = None  # reserve before each attempt, settle on its reply
+    invalid_reply_retries: int = 0
 
     @classmethod
     def for_job(cls, job: Job, sender: Sender, limiter: RateLimiter, stats: RunStats,
                 sleep: Sleep, rng: random.Random, **extra: Any) -> Sending:
-        """The parts that follow from the job's retry settings and params."""
+        """The parts that follow from the job's retry settings, params and schema."""
         policy = RetryPolicy(job.retry.max_attempts, job.retry.base_delay_s,
                              job.retry.max_delay_s)
+        schema = job.output.reply_schema if job.output is not None else None
+        if schema is not None:
+            extra.setdefault("validate", schema_validator(schema))
+            extra.setdefault("invalid_reply_retries", job.retry.invalid_reply_retries)
         return cls(sender, limiter, policy, stats, sleep, rng,
-                   max_output_tokens=job.max_output_tokens,
-                   n_choices=int(job.params.get("n", 1) or 1), **extra)
+                   max_output_tokens=job.max_output_tokens, n_choices=job.choices, **extra)
 
 
 async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
@@ -244,6 +274,8 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
     or the run stops or reaches its budget (None). Raises ``RunAborted`` on the
     server's verdict that the whole run must stop (a bad key, no quota)."""
     max_output = sending.max_output_tokens
+    invalid_left = sending.invalid_reply_retries
+    spent = _Spent()
     attempts = 0
     while True:
         hold = await _reserve(request, sending)
@@ -286,10 +318,16 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
                             completion.reasoning_tokens)
             if sending.budget is not None and hold is not None:
                 sending.budget.settle(hold, cost, completion.total_tokens)
-            problem = None if sending.validate is None else sending.validate(completion)
-            if problem is None:
-                return Outcome(_ok_result(completion, attempts, response.latency_s, cost))
-            failure = ApiError(Verdict.RETRY, f"reply rejected: {problem}")
+            spent.add(completion, cost)
+            verdict = 0 if sending.validate is None else sending.validate(completion)
+            if isinstance(verdict, int):
+                return Outcome(_result(completion, verdict, spent, attempts, sending.n_choices,
+                                       latency_s=response.latency_s))
+            if verdict.retryable and invalid_left > 0:
+                invalid_left -= 1
+                continue  # the server did nothing wrong: ask again at once
+            return Outcome(_result(completion, 0, spent, attempts, sending.n_choices,
+                                   rejected=verdict), verdict)
         # A gateway that fails in itself before anything got through is misconfigured.
         if failure.verdict is Verdict.ABORT or (failure.gateway_fault and not sending.stats.ok):
             raise RunAborted(f"the server refused the run: {failure.message}; the "
@@ -337,22 +375,53 @@ def row_cost(price: Price | None, prompt_tokens: int | None, completion_tokens: 
                                   reasoning_tokens or 0)), 10)
 
 
-def _ok_result(completion: Completion, attempts: int, latency_s: float,
-               cost_usd: float | None) -> RowResult:
+@dataclass(slots=True)
+class _Spent:
+    """Tokens and cost over every reply a row got: a rejected reply asked again costs
+    too, so the row's columns add them all up."""
+
+    prompt: int | None = None
+    completion: int | None = None
+    total: int | None = None
+    cost_usd: float | None = None
+
+    def add(self, completion: Completion, cost_usd: float | None) -> None:
+        self.prompt = _plus(self.prompt, completion.prompt_tokens)
+        self.completion = _plus(self.completion, completion.completion_tokens)
+        self.total = _plus(self.total, completion.total_tokens)
+        self.cost_usd = _plus(self.cost_usd, cost_usd)
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _plus(total: _N | None, more: _N | None) -> _N | None:
+    return total if more is None else (more if total is None else total + more)
+
+
+def _result(completion: Completion, chosen: int, spent: _Spent, attempts: int,
+            n_choices: int, *, latency_s: float | None = None,
+            rejected: Rejection | None = None) -> RowResult:
+    """The row's outcome from its last reply: the chosen choice's text, every choice's
+    when the job asks for several, and why it failed when it was ``rejected`` (the
+    reply is kept either way)."""
+    choice = completion.choices[chosen] if chosen < len(completion.choices) else None
     return RowResult(
-        reply=completion.reply,
-        finish_reason=completion.finish_reason,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        total_tokens=completion.total_tokens,
+        reply=choice.reply if choice else completion.reply,
+        finish_reason=choice.finish_reason if choice else completion.finish_reason,
+        prompt_tokens=spent.prompt,
+        completion_tokens=spent.completion,
+        total_tokens=spent.total,
         cached_tokens=completion.cached_tokens,
         reasoning_tokens=completion.reasoning_tokens,
-        refusal=completion.refusal,
-        status=STATUS_OK,
-        error=None,
+        refusal=choice.refusal if choice else completion.refusal,
+        status=STATUS_OK if rejected is None else STATUS_ERROR,
+        error=None if rejected is None else rejected.message,
         attempts=attempts,
-        latency_s=round(latency_s, 4),
-        cost_usd=cost_usd,
+        latency_s=None if latency_s is None else round(latency_s, 4),
+        cost_usd=None if spent.cost_usd is None else round(spent.cost_usd, 10),
+        error_class=None if rejected is None else rejected.signature,
+        replies=[c.reply for c in completion.choices] if n_choices > 1 else None,
     )
 
 

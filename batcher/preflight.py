@@ -19,7 +19,7 @@ from batcher.inputs import InputReader, scan_input
 from batcher.pipeline import BatchPlan, plan_batches
 from batcher.pricing import NoPrice, Price, resolve_price
 from batcher.prompts import PromptRenderer
-from batcher.records import RESULT_COLUMNS
+from batcher.records import OPTIONAL_COLUMNS, RESULT_COLUMNS
 from batcher.tokens import counter_for
 
 if TYPE_CHECKING:  # record batches come from batcher.inputs; pyarrow is its concern
@@ -108,7 +108,9 @@ class Prepared:
                              batch=batch)
 
     def renderer(self) -> PromptRenderer:
-        return PromptRenderer(self.job.prompt)
+        output = self.job.output
+        schema = output.reply_schema if output is not None else None
+        return PromptRenderer(self.job.prompt, schema.instruction() if schema else None)
 
     def plans(self, checkpoint: Checkpoint | None, renderer: PromptRenderer | None = None
               ) -> Iterator[BatchPlan]:
@@ -164,8 +166,7 @@ def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estima
             to_send += 1
             prompt_tokens += counter.count(messages)
     max_output = job.max_output_tokens
-    completion = None if max_output is None else max_output * to_send * int(
-        job.params.get("n", 1) or 1)
+    completion = None if max_output is None else max_output * to_send * job.choices
     price = prepared.price
     cost = None
     if isinstance(price, Price) and completion is not None:
@@ -189,6 +190,18 @@ def _check_columns(job: Job, reader: InputReader) -> None:
     if clashes:
         raise DataError(f"{path}: input column '{clashes[0]}' has the name of a results column; "
                         "rename it in the input")
+    if job.choices > 1 and OPTIONAL_COLUMNS[0] in names:
+        raise DataError(f"{path}: input column '{OPTIONAL_COLUMNS[0]}' has the name of the "
+                        "results column that holds every choice (params.n > 1); rename it")
+    output = job.output
+    if output is not None and output.reply_schema is not None:
+        prefix = output.schema_prefix
+        for key in output.reply_schema.properties:
+            if prefix + key in names:
+                raise DataError(
+                    f"{path}: output.schema property '{key}' would be the column "
+                    f"'{_printable(prefix + key)}', which the input already has; set "
+                    "output.schema_prefix (e.g. 'reply_') or rename the column")
 
 
 def _printable(name: str) -> str:

@@ -50,13 +50,15 @@ class PromptRenderer:
 
     ``prompts`` is the cheap step, run on every row (the user message's text
     is all a row's request key needs); ``rendered`` makes the messages sent,
-    for the rows that are sent.
+    for the rows that are sent. ``instruction`` (the reply schema's, in
+    prompt mode) ends every user message sent.
     """
 
-    def __init__(self, spec: PromptSpec) -> None:
+    def __init__(self, spec: PromptSpec, instruction: str | None = None) -> None:
         self._spec = spec
         self._columns = spec.columns()
         self._missing_is_error = spec.missing == "error"
+        self._instruction = instruction or ""
 
     def prompts(self, batch: pa.RecordBatch) -> Prompts:
         problems: dict[int, str] = {}
@@ -103,7 +105,7 @@ class PromptRenderer:
         messages = []
         if self._spec.system:
             messages.append({"role": "system", "content": self._spec.system})
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": text + self._instruction})
         return RenderedRow(position, messages, estimate_prompt_tokens(messages))
 
     def _prompt(self, values: dict[str, Any]) -> str:

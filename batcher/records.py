@@ -33,6 +33,8 @@ class RowResult:
     cost_usd: float | None = None
     error_class: str | None = None
     finished_at: float | None = None
+    # Every choice's content, when the job asks for several (params.n > 1).
+    replies: list[str | None] | None = None
 
     @property
     def ok(self) -> bool:
@@ -58,6 +60,8 @@ class RowResult:
 
 
 RESULT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RowResult))
+# Fields whose column only some jobs have: ``replies`` when params.n > 1.
+OPTIONAL_COLUMNS: tuple[str, ...] = ("replies",)
 
 # Where a row's answer came from in this run; not stored (it depends on the run).
 SOURCE_COLUMN = "source"
@@ -66,7 +70,8 @@ SOURCE_REUSED = "reused"  # the stored answer of an earlier run to the same requ
 SOURCE_SHARED = "shared"  # ``duplicates: share``: the answer to an identical request
 SOURCES: tuple[str, ...] = (SOURCE_SENT, SOURCE_REUSED, SOURCE_SHARED)
 
-RESULT_COLUMNS: tuple[str, ...] = (*RESULT_FIELDS, SOURCE_COLUMN)
+RESULT_COLUMNS: tuple[str, ...] = (
+    *(name for name in RESULT_FIELDS if name not in OPTIONAL_COLUMNS), SOURCE_COLUMN)
 INTEGER_COLUMNS = frozenset(
     {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
      "attempts"}

@@ -41,6 +41,7 @@ from batcher.keys import KEY_BYTES
 from batcher.limits import Clock, RateLimiter, Sleep
 from batcher.pipeline import (
     PendingRow,
+    Rejection,
     RowRequest,
     Sender,
     Sending,
@@ -333,7 +334,7 @@ class Run:
                     "checkpoint is kept (retry.stop_after_identical_failures sets the count)")
 
     def _journal(self, request: RowRequest, result: RowResult,
-                 failure: ApiError | None) -> None:
+                 failure: ApiError | Rejection | None) -> None:
         """Store the outcome under the row's key, and under the keys of the
         identical rows waiting for it, in one write."""
         result.finished_at = round(self._runtime.wall(), 3)

@@ -52,8 +52,19 @@ ABORT_STATUSES = frozenset({401, 403})
 MAX_MESSAGE_CHARS = 300
 
 
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One of a completion's choices (``n`` > 1 asks for several)."""
+
+    reply: str | None
+    finish_reason: str | None
+    refusal: str | None
+
+
 @dataclass(slots=True)
 class Completion:
+    """A parsed chat completion: the first choice's fields, and every choice."""
+
     reply: str | None
     finish_reason: str | None
     prompt_tokens: int | None
@@ -62,6 +73,7 @@ class Completion:
     cached_tokens: int | None
     reasoning_tokens: int | None
     refusal: str | None
+    choices: tuple[Choice, ...] = ()
 
 
 def request_body(model: str, messages: list[dict[str, str]], params: Mapping[str, Any]) -> bytes:
@@ -89,22 +101,28 @@ def parse_completion(body: bytes, *, clean: Callable[[str], str] = _verbatim) ->
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise ApiError(Verdict.RETRY, "HTTP 200 with no choices in the body", status=200)
-    choice = choices[0]
-    message = choice.get("message")
-    if not isinstance(message, dict):
-        raise ApiError(Verdict.RETRY, "HTTP 200 with a choice that has no message", status=200)
+    parsed: list[Choice] = []
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            raise ApiError(Verdict.RETRY, "HTTP 200 with a choice that has no message",
+                           status=200)
+        parsed.append(Choice(_reply_text(message), _text_or_none(choice.get("finish_reason")),
+                             _text_or_none(message.get("refusal"))))
     raw_usage = data.get("usage")
     usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+    first = parsed[0]
     return Completion(
-        reply=_reply_text(message),
-        finish_reason=_text_or_none(choice.get("finish_reason")),
+        reply=first.reply,
+        finish_reason=first.finish_reason,
         prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
         completion_tokens=_int_or_none(usage.get("completion_tokens")),
         total_tokens=_int_or_none(usage.get("total_tokens")),
         cached_tokens=_int_or_none(_nested(usage, "prompt_tokens_details", "cached_tokens")),
         reasoning_tokens=_int_or_none(
             _nested(usage, "completion_tokens_details", "reasoning_tokens")),
-        refusal=_text_or_none(message.get("refusal")),
+        refusal=first.refusal,
+        choices=tuple(parsed),
     )
 
 

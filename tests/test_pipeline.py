@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 
 from batcher.checkpoint import Checkpoint
 from batcher.config import job_from_dict
-from batcher.errors import RunAborted
+from batcher.errors import ApiError, RunAborted
 from batcher.limits import RateLimiter
 from batcher.pipeline import FunctionSender, RowRequest, Sending, attempt_row
 from batcher.preflight import prepare
@@ -89,7 +90,7 @@ def test_a_row_error_is_not_retried_and_keeps_its_reason() -> None:
         "message": "unknown parameter: foo", "type": "invalid_request_error"}}))
     outcome = asyncio.run(attempt_row(request("x"), sending(sender, FakeTime())))
     assert outcome is not None and outcome.result.status == "error"
-    assert outcome.failure is not None and outcome.failure.status == 400
+    assert isinstance(outcome.failure, ApiError) and outcome.failure.status == 400
     assert "unknown parameter" in (outcome.result.error or "")
     assert outcome.result.attempts == 1
 
@@ -102,25 +103,44 @@ def test_a_bad_key_aborts_the_run() -> None:
     assert len(sender.requests) == 1
 
 
+@dataclass(frozen=True)
+class NoLabel:
+    message: str = "no label in reply"
+    retryable: bool = True
+    signature: str = "no label"
+
+
 def test_a_validator_retries_a_rejected_reply_and_accepts_a_good_one() -> None:
     answers = iter([reply("not json"), reply('{"label": "positive"}')])
 
-    def must_be_json(completion: Completion) -> str | None:
-        return None if (completion.reply or "").startswith("{") else "reply is not JSON"
+    def must_be_json(completion: Completion) -> int | NoLabel:
+        return 0 if (completion.reply or "").startswith("{") else NoLabel()
 
     time = FakeTime()
-    parts = sending(FunctionSender(lambda _request: next(answers)), time, validate=must_be_json)
+    parts = sending(FunctionSender(lambda _request: next(answers)), time, validate=must_be_json,
+                    invalid_reply_retries=1)
     outcome = asyncio.run(attempt_row(request("x"), parts))
     assert outcome is not None and outcome.result.reply == '{"label": "positive"}'
-    assert outcome.result.attempts == 2 and len(time.slept) == 1
+    assert outcome.result.attempts == 2 and time.slept == []  # asked again at once
+    assert outcome.result.completion_tokens == 4  # both replies' tokens
 
 
 def test_a_reply_rejected_every_time_fails_the_row_with_the_reason() -> None:
-    parts = sending(FunctionSender(echo), FakeTime(), validate=lambda _c: "no label in reply")
+    parts = sending(FunctionSender(echo), FakeTime(), validate=lambda _c: NoLabel(),
+                    invalid_reply_retries=2)
     outcome = asyncio.run(attempt_row(request("x"), parts))
     assert outcome is not None and outcome.result.status == "error"
-    assert outcome.result.error == "reply rejected: no label in reply"
+    assert outcome.result.error == "no label in reply"
+    assert outcome.result.reply == "echo: x"  # the raw reply is kept
     assert outcome.result.attempts == 3 and parts.stats.requests == 3
+    assert outcome.failure == NoLabel()
+
+
+def test_a_rejection_that_asking_again_cannot_fix_is_final() -> None:
+    parts = sending(FunctionSender(echo), FakeTime(),
+                    validate=lambda _c: NoLabel(retryable=False), invalid_reply_retries=2)
+    outcome = asyncio.run(attempt_row(request("x"), parts))
+    assert outcome is not None and outcome.result.attempts == 1
 
 
 def test_a_stop_between_attempts_leaves_the_row_without_an_outcome() -> None:

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel
 
 from batcher.api.bridge import blocking
 from batcher.api.calls import check_limit, execute, options, summarize, with_key
-from batcher.api.results import typed
+from batcher.api.results import result_columns, typed
 from batcher.api.workspace import (
     INPUT_NAME,
     RESULTS_NAME,
@@ -61,6 +62,10 @@ async def arun_dataframe(
     requests_per_minute: float | None = None,
     tokens_per_minute: float | None = None,
     max_attempts: int | None = None,
+    schema: Mapping[str, Any] | type[BaseModel] | str | os.PathLike[str] | None = None,
+    schema_mode: str | None = None,
+    schema_prefix: str | None = None,
+    invalid_reply_retries: int | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     fresh: bool = False,
     limit: int | None = None,
@@ -90,6 +95,14 @@ async def arun_dataframe(
     ``concurrency``, ``requests_per_minute``,
     ``tokens_per_minute``, ``timeout_s`` and ``max_attempts`` are the job
     file's limits; every value is validated as in a job file.
+
+    Answers as data: ``schema`` (a JSON Schema dict, the path of a ``.json``
+    file, or a pydantic model class) asks for replies in that shape, checks
+    each one and adds one typed column per top-level property (``Int64``,
+    ``boolean``, ``float64``, categories for enums, lists and dicts for
+    nested values); ``schema_mode``, ``schema_prefix`` and
+    ``invalid_reply_retries`` are the job file's ``output.schema_mode``,
+    ``output.schema_prefix`` and ``retry.invalid_reply_retries``.
 
     Checkpointing: with ``checkpoint="path.ckpt"`` every finished row is
     journaled there, so a call repeated after an interrupt, a crash or a
@@ -121,8 +134,9 @@ async def arun_dataframe(
         template=template, system=system, params=params, base_url=base_url,
         api_key_env=api_key_env, api_key=api_key, mock=mock, endpoint=endpoint,
         timeout_s=timeout_s, concurrency=concurrency, requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute, max_attempts=max_attempts, checkpoint=checkpoint,
-        limit=limit)
+        tokens_per_minute=tokens_per_minute, max_attempts=max_attempts, schema=schema,
+        schema_mode=schema_mode, schema_prefix=schema_prefix,
+        invalid_reply_retries=invalid_reply_retries, checkpoint=checkpoint, limit=limit)
     assert job.output is not None
     run_options = options(fresh, limit, progress, allow_empty_input=True)
     payload = _parquet_bytes(frame, job.prompt.columns())
@@ -139,7 +153,8 @@ async def arun_dataframe(
         job = relocated(job, folder)
         report = await execute(job, run_options, environ, kept=kept)
         assert report.results_path is not None
-        results = typed(pd.read_parquet(report.results_path, columns=list(RESULT_COLUMNS)))
+        names, dtypes = result_columns(job)
+        results = typed(pd.read_parquet(report.results_path, columns=names), dtypes)
     if not report.results_rewritten:
         # The file is as an earlier call wrote it; this call sent nothing, so every
         # answer was reused (the rows left are input errors, decided now).
@@ -147,7 +162,7 @@ async def arun_dataframe(
         results.loc[results["status"] != STATUS_OK, SOURCE_COLUMN] = SOURCE_SENT
     summary = summarize(job, report, started, run_options)
     out = frame.iloc[:report.rows].copy(deep=False)
-    for column in RESULT_COLUMNS:
+    for column in names:
         out[column] = results[column].array  # positional: the caller's index is kept as is
     out.attrs = {**frame.attrs, "batcher": summary.as_dict()}
     return out
@@ -163,6 +178,8 @@ def _frame_job(data: object, source: str, *, model: str, prompt_column: str | No
                timeout_s: float | None, concurrency: int | None,
                requests_per_minute: float | None,
                tokens_per_minute: float | None, max_attempts: int | None,
+               schema: object, schema_mode: str | None, schema_prefix: str | None,
+               invalid_reply_retries: int | None,
                checkpoint: str | os.PathLike[str] | None, limit: int | None
                ) -> tuple[pd.DataFrame, Job, Mapping[str, str] | None]:
     """Validate every argument before anything is written or sent."""
@@ -187,11 +204,13 @@ def _frame_job(data: object, source: str, *, model: str, prompt_column: str | No
         "endpoint": endpoint_keys,
         "limits": _given(concurrency=concurrency, requests_per_minute=requests_per_minute,
                          tokens_per_minute=tokens_per_minute),
-        "retry": _given(max_attempts=max_attempts),
-        "output": _given(path=RESULTS_NAME, checkpoint=_checkpoint_path(checkpoint, source)),
+        "retry": _given(max_attempts=max_attempts, invalid_reply_retries=invalid_reply_retries),
+        "output": _given(path=RESULTS_NAME, checkpoint=_checkpoint_path(checkpoint, source),
+                         schema=schema, schema_mode=schema_mode, schema_prefix=schema_prefix),
     }
+    # A schema's path resolves against the current folder, like any path in Python.
     job = job_from_dict(spec, base_dir=Path(tempfile.gettempdir()) / "batcher-pending",
-                        source=source, require_output=True)
+                        source=source, require_output=True, schema_dir=Path.cwd())
     check_limit(limit, source)
     _check_frame(frame, job, source)
     job, environ = with_key(job, api_key, source)
@@ -249,6 +268,12 @@ def _check_frame(frame: pd.DataFrame, job: Job, source: str) -> None:
             f"{source}: the DataFrame already has a column '{clashes[0]}', the name of a "
             f"result column; rename or drop it first (result columns: "
             f"{', '.join(RESULT_COLUMNS)})")
+    taken = [name for name in result_columns(job)[0] if name in names]
+    if taken:
+        raise DataError(
+            f"{source}: the DataFrame already has a column '{taken[0]}', the name of a result "
+            "column this call adds; rename or drop it first, or set schema_prefix= when it "
+            "comes from the schema")
     key = "prompt.column" if job.prompt.column is not None else "prompt.template"
     for column in job.prompt.columns():
         found = sum(1 for name in frame.columns if name == column)

@@ -10,7 +10,7 @@ from typing import Any, TypeAlias
 
 from batcher.api.bridge import blocking
 from batcher.api.calls import check_limit, execute, options, summarize, with_key
-from batcher.api.results import Result
+from batcher.api.results import Result, result_columns
 from batcher.config import Job, job_from_dict, load_job
 from batcher.errors import ConfigError
 
@@ -53,7 +53,7 @@ async def arun(job: JobSource, *, fresh: bool = False, limit: int | None = None,
     report = await execute(loaded, run_options, environ, kept=f"in the checkpoint {checkpoint}")
     summary = summarize(loaded, report, started, run_options)
     assert report.results_path is not None
-    return Result(summary, report.results_path, checkpoint)
+    return Result(summary, report.results_path, checkpoint, result_columns(loaded)[1])
 
 
 run = blocking(arun, "run")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from batcher.records import FLOAT_COLUMNS, INTEGER_COLUMNS, RESULT_COLUMNS
+from batcher.config import Job
+from batcher.records import FLOAT_COLUMNS, INTEGER_COLUMNS, OPTIONAL_COLUMNS, RESULT_COLUMNS
+from batcher.schema_columns import SchemaColumns
 from batcher.summary import Summary
 
 
@@ -27,6 +31,9 @@ class Result:
     summary: Summary
     results_path: Path
     checkpoint_path: Path
+    # The pandas dtypes of the reply schema's columns (the file's own types are not
+    # enough: CSV has none, and Parquet's integers with nulls read back as floats).
+    column_types: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -34,12 +41,22 @@ class Result:
 
     @cached_property
     def frame(self) -> pd.DataFrame:
-        frame = read_results_file(self.results_path)
+        frame = read_results_file(self.results_path, self.column_types)
         frame.attrs = {"batcher": self.summary.as_dict()}
         return frame
 
 
-def read_results_file(path: Path) -> pd.DataFrame:
+def result_columns(job: Job) -> tuple[list[str], dict[str, Any]]:
+    """The columns a job's results add, in order, and the pandas dtypes of its schema's."""
+    names = list(RESULT_COLUMNS) + (list(OPTIONAL_COLUMNS) if job.choices > 1 else [])
+    output = job.output
+    if output is None or output.reply_schema is None:
+        return names, {}
+    columns = SchemaColumns(output.reply_schema, output.schema_prefix)
+    return names + columns.names, columns.pandas_dtypes()
+
+
+def read_results_file(path: Path, column_types: Mapping[str, Any]) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         frame = pd.read_parquet(path)
@@ -52,15 +69,28 @@ def read_results_file(path: Path) -> pd.DataFrame:
             rows = [json.loads(line) for line in lines if line.strip()]
         # An empty JSONL file cannot name the input's columns; the result columns it has.
         frame = (pd.DataFrame.from_records(rows) if rows
-                 else pd.DataFrame(columns=list(RESULT_COLUMNS)))
-    return typed(frame)
+                 else pd.DataFrame(columns=[*RESULT_COLUMNS, *column_types]))
+    return typed(frame, column_types)
 
 
-def typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Token columns as nullable integers whether or not a row failed; latency as float."""
+def typed(frame: pd.DataFrame, column_types: Mapping[str, Any]) -> pd.DataFrame:
+    """Token columns as nullable integers whether or not a row failed; latency as float;
+    the schema's columns as the schema says (``Int64``, ``boolean``, categories)."""
     for column in RESULT_COLUMNS:
         if column in INTEGER_COLUMNS:
             frame[column] = pd.to_numeric(frame[column]).astype("Int64")
         elif column in FLOAT_COLUMNS:
             frame[column] = pd.to_numeric(frame[column]).astype("float64")
+    for column, dtype in column_types.items():
+        values = frame[column]
+        if dtype == "boolean" and not pd.api.types.is_bool_dtype(values):
+            # CSV holds "true"/"false"; JSONL and Parquet with nulls, Python objects.
+            values = values.map(_boolean, na_action="ignore")
+        elif dtype in ("Int64", "float64"):
+            values = pd.to_numeric(values)
+        frame[column] = values.astype(dtype)
     return frame
+
+
+def _boolean(value: object) -> object:
+    return value if isinstance(value, bool) else str(value).strip().lower() == "true"

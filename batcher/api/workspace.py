@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from batcher.config import InputSpec, Job, OutputSpec
+from batcher.config import InputSpec, Job
 from batcher.keys import shared_digest
 
 INPUT_NAME = "input.parquet"
@@ -22,7 +22,7 @@ def relocated(job: Job, folder: Path) -> Job:
     assert job.output is not None
     return job.model_copy(update={
         "input": InputSpec(path=folder / INPUT_NAME),
-        "output": OutputSpec(path=folder / RESULTS_NAME, checkpoint=job.output.checkpoint),
+        "output": job.output.model_copy(update={"path": folder / RESULTS_NAME}),
     })
 
 

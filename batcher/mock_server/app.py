@@ -165,6 +165,7 @@ async def _chat(request: web.Request, deployment: str | None) -> web.Response:
     try:
         parsed = parse_call(raw, deployment)
         state.stats.record_prompt(parsed.prompt)
+        state.stats.record_answer_format(parsed.answer_format)
     except BadRequest as exc:
         parsed = exc
 
@@ -206,11 +207,11 @@ async def _chat(request: web.Request, deployment: str | None) -> web.Response:
         kind = None
 
     if kind is None:
-        reply = success_reply(call, model, cached_tokens=config.cached_tokens,
+        reply = success_reply(call, model, config.seed, cached_tokens=config.cached_tokens,
                               reasoning_tokens=config.reasoning_tokens)
     else:
         fault = FaultContext(call, model, config.fault_retry_after_s, sent_key,
-                             config.echo_key_in_errors)
+                             config.echo_key_in_errors, config.seed)
         reply = render_fault(kind, fault)
     if reply.completion:
         state.stats.record_ok(call.prompt)

@@ -387,19 +387,20 @@ class BatchStore:
         except BadRequest as exc:
             return 400, error_body(exc.message, "invalid_request_error", exc.param, exc.code)
         self.stats.record_prompt(call.prompt)
+        self.stats.record_answer_format(call.answer_format)
         model = self.config.model_name or call.model
         try:
             kind = self._planner.choose(call.prompt)
         except UnknownFault as exc:
             return 400, error_body(str(exc), "invalid_request_error")
         if kind is None:
-            reply = success_reply(call, model)
+            reply = success_reply(call, model, self.config.seed)
         elif kind in ("drop", "stall"):
             return 500, error_body("The server had an error while processing your request.",
                                    "server_error")
         else:
             fault = FaultContext(call, model, self.config.fault_retry_after_s, None,
-                                 self.config.echo_key_in_errors)
+                                 self.config.echo_key_in_errors, self.config.seed)
             reply = render_fault(kind, fault)
         if reply.completion:
             self.stats.record_ok(call.prompt)

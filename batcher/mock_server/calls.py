@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .instances import schema_in_prompt
 from .replies import count_tokens
 
 _PER_MESSAGE_TOKENS = 3
@@ -46,6 +47,15 @@ class Call:
     prompt_tokens: int
     charge: int
     """Tokens reserved against TPM at admission: prompt + output cap x n."""
+    structured: bool = False
+    """The request asks for JSON: a ``response_format`` of ``json_schema`` or
+    ``json_object``, or a JSON Schema in the prompt."""
+    schema: dict[str, Any] | None = None
+    """The JSON Schema the answer must follow, when there is one."""
+    answer_format: str = "text"
+    """How the request asked for its answer: ``text``, ``json_schema``,
+    ``json_schema+strict``, ``json_object``, ``json_object+schema`` or
+    ``prompt+schema`` (counted in the stats' ``answer_formats``)."""
 
 
 def message_text(content: object, where: str) -> str:
@@ -134,6 +144,7 @@ def parse_call(raw: bytes, deployment: str | None = None) -> Call:
         if cap is not None
     ]
     prompt_tokens = estimate_prompt_tokens(texts)
+    answer_format, schema = _structured(body.get("response_format"), prompt)
     return Call(
         model=model,
         prompt=prompt,
@@ -141,4 +152,35 @@ def parse_call(raw: bytes, deployment: str | None = None) -> Call:
         max_tokens=min(caps) if caps else None,
         prompt_tokens=prompt_tokens,
         charge=prompt_tokens + (max(caps) if caps else 0) * n,
+        structured=answer_format != "text",
+        schema=schema,
+        answer_format=answer_format,
     )
+
+
+def _structured(response_format: object, prompt: str) -> tuple[str, dict[str, Any] | None]:
+    """How the answer is asked for (see ``Call.answer_format``) and its schema: OpenAI's
+    ``json_schema``, llama-cpp-python's ``json_object`` with a ``schema``, or a schema in
+    the prompt."""
+    if response_format is None or response_format == {"type": "text"}:
+        schema = schema_in_prompt(prompt)
+        return ("text" if schema is None else "prompt+schema"), schema
+    if not isinstance(response_format, dict):
+        raise BadRequest("Invalid type for 'response_format': expected an object.",
+                         "response_format", "invalid_type")
+    kind = response_format.get("type")
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        if isinstance(schema, dict):
+            return "json_object+schema", schema
+        return "json_object", None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise BadRequest("Missing required parameter: 'response_format.json_schema.name'.",
+                             "response_format.json_schema.name", "missing_required_parameter")
+        schema = spec.get("schema")
+        label = "json_schema+strict" if spec.get("strict") is True else "json_schema"
+        return label, schema if isinstance(schema, dict) else {}
+    raise BadRequest(f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', "
+                     "and 'json_schema'.", "response_format.type", "invalid_value")

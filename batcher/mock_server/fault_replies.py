@@ -15,9 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from .calls import Call
+from .instances import violate
 from .ratelimit import RATE_LIMITS_URL, go_duration, retry_headers
 from .replies import reply_for
-from .responses import Reply, completion_body, dumps, error_body, invalid_key_body
+from .responses import (
+    Reply,
+    completion_body,
+    dumps,
+    error_body,
+    invalid_key_body,
+    structured_values,
+)
 
 HUGE_REPLY_CHARS = 16 << 20
 """The ``huge`` fault's reply: a runaway 16 MiB answer, for clients that cap bodies."""
@@ -86,6 +94,7 @@ class FaultContext:
     retry_after_s: float  # MockConfig.fault_retry_after_s
     sent_key: str | None
     echo_key: bool  # MockConfig.echo_key_in_errors
+    seed: int = 0  # MockConfig.seed: structured answers are drawn from it
 
 
 Render = Callable[[FaultContext], Reply]
@@ -141,6 +150,30 @@ def _completion(fault: FaultContext, content: str | None, finish_reason: str,
     body = completion_body(fault.model, fault.call.prompt_tokens, [content] * fault.call.n,
                            finish_reason, **options)
     return Reply(200, body, completion=True)
+
+
+def _broken_structured(kind: str) -> Render:
+    """A 200 whose JSON answer is unusable: single-quoted like a Python dict
+    (``bad_json``), cut in half with ``finish_reason: length`` (``truncated_json``),
+    or well-formed with the first property of the wrong type (``schema_violation``)."""
+
+    def render(fault: FaultContext) -> Reply:
+        call = fault.call
+        values = structured_values(call, fault.seed)
+        finish = "stop"
+        if kind == "schema_violation":
+            texts = [dumps(violate(value, call.schema or {})).decode() for value in values]
+        elif kind == "bad_json":
+            texts = [dumps(value).decode().replace('"', "'") for value in values]
+        else:
+            texts = [text[: max(1, len(text) // 2)] for text in
+                     (dumps(value).decode() for value in values)]
+            finish = "length"
+        contents: list[str | None] = list(texts)
+        body = completion_body(fault.model, call.prompt_tokens, contents, finish)
+        return Reply(200, body, completion=True)
+
+    return render
 
 
 def _half_reply(fault: FaultContext) -> str:
@@ -200,6 +233,9 @@ FAULTS: dict[str, Render | None] = {
     "content_filter": lambda f: _completion(f, None, "content_filter"),
     "huge": lambda f: _completion(f, "x" * HUGE_REPLY_CHARS, "stop"),
     "length": lambda f: _completion(f, _half_reply(f), "length"),
+    "bad_json": _broken_structured("bad_json"),
+    "truncated_json": _broken_structured("truncated_json"),
+    "schema_violation": _broken_structured("schema_violation"),
     "drop": None,  # the app closes the connection without answering
     "stall": None,  # the app waits MockConfig.stall_s, then answers normally
 }

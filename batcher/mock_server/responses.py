@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .calls import Call
+from .instances import instance_for, rng_for
 from .replies import count_tokens, reply_for, truncate_to_tokens
 
 SYSTEM_FINGERPRINT = "fp_mock"
@@ -104,14 +105,16 @@ def completion_body(
     model: str,
     prompt_tokens: int,
     contents: list[str | None],
-    finish_reason: str,
+    finish_reason: str | list[str],
     *,
     refusal: str | None = None,
     with_usage: bool = True,
     cached_tokens: int = 0,
     reasoning_tokens: int = 0,
 ) -> dict[str, Any]:
-    """A ``chat.completion`` with one choice per entry of ``contents``."""
+    """A ``chat.completion`` with one choice per entry of ``contents`` (and of
+    ``finish_reason``, when that is a list)."""
+    reasons = finish_reason if isinstance(finish_reason, list) else [finish_reason] * len(contents)
     choices: list[dict[str, Any]] = [
         {
             "index": i,
@@ -122,9 +125,9 @@ def completion_body(
                 "annotations": [],
             },
             "logprobs": None,
-            "finish_reason": finish_reason,
+            "finish_reason": reason,
         }
-        for i, content in enumerate(contents)
+        for i, (content, reason) in enumerate(zip(contents, reasons, strict=True))
     ]
     body: dict[str, Any] = {
         "id": "chatcmpl-" + os.urandom(12).hex(),
@@ -144,15 +147,30 @@ def completion_body(
     return body
 
 
-def success_reply(call: Call, model: str, *, cached_tokens: int = 0,
+def structured_values(call: Call, seed: int) -> list[Any]:
+    """The JSON value each choice answers a structured request with: an instance of the
+    schema (deterministic by seed, prompt and choice), or ``{"reply": ...}`` without one."""
+    if call.schema is None:
+        return [{"reply": reply_for(call.prompt)}] * call.n
+    return [instance_for(call.schema, rng_for(seed, call.prompt, index))
+            for index in range(call.n)]
+
+
+def success_reply(call: Call, model: str, seed: int = 0, *, cached_tokens: int = 0,
                   reasoning_tokens: int = 0) -> Reply:
-    """The normal answer: ``n`` copies of :func:`reply_for`, cut at the request's token
-    cap, which (as OpenAI's does) covers reasoning and visible tokens together."""
+    """The normal answer: ``n`` copies of :func:`reply_for`, or for a structured request
+    one JSON value per choice, cut at the request's token cap, which (as OpenAI's does)
+    covers reasoning and visible tokens together."""
     cap = call.max_tokens
     if cap is not None:
         reasoning_tokens = min(reasoning_tokens, cap)
         cap -= reasoning_tokens
-    text, cut = truncate_to_tokens(reply_for(call.prompt), cap)
-    body = completion_body(model, call.prompt_tokens, [text] * call.n, "length" if cut else "stop",
+    if call.structured:
+        texts = [dumps(value).decode() for value in structured_values(call, seed)]
+    else:
+        texts = [reply_for(call.prompt)] * call.n
+    cut_texts = [truncate_to_tokens(text, cap) for text in texts]
+    body = completion_body(model, call.prompt_tokens, [text for text, _ in cut_texts],
+                           ["length" if cut else "stop" for _, cut in cut_texts],
                            cached_tokens=cached_tokens, reasoning_tokens=reasoning_tokens)
     return Reply(200, body, completion=True)

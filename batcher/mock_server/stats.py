@@ -55,6 +55,9 @@ class MockStats:
     * ``prompts``: requests per last-user-message text, faulted and rejected
       ones included (any request whose body parsed).
     * ``ok_prompts``: 200 ``chat.completion`` replies with choices, per prompt.
+    * ``answer_formats``: requests per way of asking for the answer (``text``,
+      ``json_schema``, ``json_schema+strict``, ``json_object``,
+      ``json_object+schema``, ``prompt+schema``).
     * ``in_flight`` / ``max_in_flight``: concurrent API requests now / at peak.
     * ``counters``: events of the Files/Batches API, by name (see :meth:`count`).
     * ``headers_seen`` (names lower-cased) and ``paths_seen`` (with query
@@ -72,6 +75,7 @@ class MockStats:
         self.by_status: dict[int, int] = {}
         self.prompts: Counter[str] = Counter()
         self.ok_prompts: Counter[str] = Counter()
+        self.answer_formats: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
         self.dropped = 0
@@ -109,6 +113,10 @@ class MockStats:
         with self._lock:
             self.prompts[prompt] += 1
 
+    def record_answer_format(self, answer_format: str) -> None:
+        with self._lock:
+            self.answer_formats[answer_format] += 1
+
     def record_ok(self, prompt: str) -> None:
         with self._lock:
             self.ok_prompts[prompt] += 1
@@ -120,6 +128,7 @@ class MockStats:
             self.by_status.clear()
             self.prompts.clear()
             self.ok_prompts.clear()
+            self.answer_formats.clear()
             self.max_in_flight = self.in_flight
             self.dropped = 0
             self.headers_seen.clear()
@@ -147,6 +156,7 @@ class MockStats:
                 **self._counters(),
                 "prompts": dict(self.prompts),
                 "ok_prompts": dict(self.ok_prompts),
+                "answer_formats": dict(self.answer_formats),
                 "headers_seen": [dict(h) for h in self.headers_seen],
                 "paths_seen": list(self.paths_seen),
                 "counters": dict(self.counters),
