@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 import batcher
 from batcher.cli import main
 from batcher.config import job_from_dict
-from batcher.errors import CheckpointError, ConfigError, DataError, RunAborted
+from batcher.errors import ConfigError, DataError, RunAborted
 from batcher.jobs import arun_job
 from batcher.mock_server import MockConfig, MockServer
 from batcher.mock_server.instances import instance_for, rng_for
@@ -424,13 +424,19 @@ def test_several_choices_without_a_schema(tmp_path: Path, mock_server: MockServe
     assert json.loads(frame["replies"][0]) == [frame["reply"][0]] * 2
 
 
-def test_a_changed_schema_does_not_resume_an_old_checkpoint(tmp_path: Path,
-                                                            mock_server: MockServer) -> None:
+def test_answers_are_reused_only_for_the_same_schema(tmp_path: Path,
+                                                     mock_server: MockServer) -> None:
     job = labelled_job(mock_server.base_url, tmp_path)
     assert run_job(job, tmp_path).exit_code == 0
-    job["output"]["schema"] = {**LABEL_SCHEMA, "title": "other"}
-    with pytest.raises(CheckpointError, match="--fresh"):
-        run_job(job, tmp_path)
+    assert mock_server.stats.snapshot()["requests_total"] == 6
+    assert run_job(job, tmp_path).exit_code == 0  # the same requests: answered already
+    assert mock_server.stats.snapshot()["requests_total"] == 6
+    job["output"]["schema"] = {**LABEL_SCHEMA, "title": "other"}  # another request
+    assert run_job(job, tmp_path).exit_code == 0
+    assert mock_server.stats.snapshot()["requests_total"] == 12
+    job["output"]["schema_mode"] = "prompt"  # the same schema, asked another way
+    assert run_job(job, tmp_path).exit_code == 0
+    assert mock_server.stats.snapshot()["requests_total"] == 18
 
 
 # -- notebooks -------------------------------------------------------------------------------
