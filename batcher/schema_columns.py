@@ -96,15 +96,14 @@ class SchemaColumns:
     def values_of(self, reply: str | None) -> dict[str, Any] | None:
         return self._schema.values(reply)
 
-    def pandas_dtypes(self) -> dict[str, Any]:
-        """The pandas dtype of each scalar column (categories with every enum value)."""
-        import pandas as pd
-
-        dtypes: dict[str, Any] = {}
+    def pandas_dtypes(self) -> dict[str, str | tuple[str, ...]]:
+        """The pandas dtype of each scalar column by name (``Int64``, ``boolean``,
+        ``float64``), or for an enum the categories, every value in the schema's order."""
+        dtypes: dict[str, str | tuple[str, ...]] = {}
         for column in self.columns:
             plan = column.plan
             if plan.kind == "category":
-                dtypes[column.name] = pd.CategoricalDtype(list(plan.categories))
+                dtypes[column.name] = plan.categories
             elif plan.kind in _PANDAS_DTYPES:
                 dtypes[column.name] = _PANDAS_DTYPES[plan.kind]
         return dtypes

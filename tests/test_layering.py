@@ -33,12 +33,12 @@ PYPROJECT = PACKAGE.parent / "pyproject.toml"
 LAYERS: tuple[tuple[str, ...], ...] = (
     # leaves: import nothing from batcher (the package facade loads lazily)
     ("__init__", "errors", "records", "redact", "pricing", "mock_server", "budget", "safefiles",
-     "tally"),
+     "tally", "structured"),
     # the job's validated settings and the wire format
     ("config", "wire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
     ("inputs", "outputs", "checkpoint", "prompts", "retry", "limits", "client", "endpoints",
-     "progress", "batchfile", "tokens", "keys"),
+     "progress", "batchfile", "tokens", "keys", "schema_columns"),
     # the row pipeline and the runs around it (online, batch): checks before, the results write
     ("pipeline", "preflight", "finish", "runner", "batchmode"),
     # a validated job run end to end, its summary, status and report: what the CLI and the
@@ -53,7 +53,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: Which modules may import each third-party library (by top-level import name).
 #: ``None``: any module may.
 OWNERS: dict[str, tuple[str, ...] | None] = {
-    "pyarrow": ("inputs", "outputs"),
+    "pyarrow": ("inputs", "outputs", "schema_columns"),
     "pandas": ("inputs", "outputs", "api.frames", "api.results", "reporting"),
     "numpy": None,  # compact per-row arrays wherever rows are counted or keyed
     "matplotlib": ("reporting",),
@@ -67,6 +67,7 @@ OWNERS: dict[str, tuple[str, ...] | None] = {
     "pydantic": ("config",),
     "yaml": ("config",),
     "orjson": None,
+    "jsonschema": ("structured",),
 }
 
 #: The mock server imports nothing from batcher (a client bug cannot be

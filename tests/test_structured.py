@@ -505,10 +505,11 @@ def test_mock_instances_are_deterministic_and_valid() -> None:
 def test_mock_seed_changes_the_answers(tmp_path: Path) -> None:
     replies = []
     for seed in (0, 1):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
         with MockServer(MockConfig(api_key=TEST_KEY, seed=seed)) as server:
-            job = labelled_job(server.base_url, tmp_path)
-            run_job(job, tmp_path, fresh=True)
-            replies.append(list(pd.read_parquet(tmp_path / "out.parquet")["reply"]))
+            run_job(labelled_job(server.base_url, folder), folder)
+            replies.append(list(pd.read_parquet(folder / "out.parquet")["reply"]))
     assert replies[0] != replies[1]
 
 

@@ -15,10 +15,9 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from pydantic import BaseModel
 
 from batcher.api.bridge import blocking
 from batcher.api.calls import check_limit, execute, options, summarize, with_key
@@ -40,6 +39,9 @@ from batcher.records import (
     SOURCE_SENT,
     STATUS_OK,
 )
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 LIST_COLUMN = "prompt"  # the column a plain list of prompts becomes
 

@@ -53,7 +53,9 @@ def result_columns(job: Job) -> tuple[list[str], dict[str, Any]]:
     if output is None or output.reply_schema is None:
         return names, {}
     columns = SchemaColumns(output.reply_schema, output.schema_prefix)
-    return names + columns.names, columns.pandas_dtypes()
+    dtypes = {name: pd.CategoricalDtype(list(dtype)) if isinstance(dtype, tuple) else dtype
+              for name, dtype in columns.pandas_dtypes().items()}
+    return names + columns.names, dtypes
 
 
 def read_results_file(path: Path, column_types: Mapping[str, Any]) -> pd.DataFrame:
