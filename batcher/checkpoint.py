@@ -347,25 +347,34 @@ class _Table:
 
     @classmethod
     def merged(cls, tables: list[_Table]) -> _Table:
+        """One sorted table of ``tables``' keys, each key's latest line kept.
+
+        Built a column at a time (concatenate, reorder, drop the unordered
+        copy), so a million keys need about one extra table's memory, not
+        four.
+        """
         high = np.concatenate([table.high for table in tables])
-        low = np.concatenate([table.low for table in tables])
-        offsets = np.concatenate([table.offsets for table in tables])
         order = np.argsort(high)
-        ordered = high[order]
-        ties = np.flatnonzero(ordered[1:] == ordered[:-1])
+        high = high[order]
+        low = np.concatenate([table.low for table in tables])[order]
+        offsets = np.concatenate([table.offsets for table in tables])[order]
+        lengths = np.concatenate([table.lengths for table in tables])[order]
+        ok = np.concatenate([table.ok for table in tables])[order]
+        del order
+        ties = np.flatnonzero(high[1:] == high[:-1])
         if ties.size:
             # Keys stored more than once (an error, then a retry): order each run of
             # equal first halves by the second half, then by offset, in place.
             runs = np.union1d(ties, ties + 1)
-            chosen = order[runs]
-            order[runs] = chosen[np.lexsort((offsets[chosen], low[chosen], high[chosen]))]
-        high, low, offsets = high[order], low[order], offsets[order]
-        # A key stored twice keeps its latest line: the last of its run.
-        last = np.ones(len(order), dtype=bool)
-        last[:-1] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
-        lengths = np.concatenate([table.lengths for table in tables])[order][last]
-        ok = np.concatenate([table.ok for table in tables])[order][last]
-        return cls(high[last], low[last], offsets[last], lengths, ok)
+            within = np.lexsort((offsets[runs], low[runs], high[runs]))
+            for column in (high, low, offsets, lengths, ok):
+                column[runs] = column[runs][within]
+            # A key stored twice keeps its latest line: the last of its run.
+            last = np.ones(len(high), dtype=bool)
+            last[:-1] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
+            if not last.all():
+                return cls(high[last], low[last], offsets[last], lengths[last], ok[last])
+        return cls(high, low, offsets, lengths, ok)
 
     def __len__(self) -> int:
         return len(self.high)

@@ -21,6 +21,7 @@ import orjson
 from batcher import __version__, jobs
 from batcher.config import load_job
 from batcher.errors import BatcherError
+from batcher.inputs import return_freed_memory
 from batcher.jobs import SIMULATED_NOTICE
 from batcher.mock_server import MockConfig, serve_forever
 from batcher.redact import printable
@@ -91,6 +92,7 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
     the budget (limits.max_cost_usd, limits.max_total_tokens); 130/143
     interrupted by SIGINT/SIGTERM.
     """
+    return_freed_memory()  # this process is the run's own: keep its peak down
     job = _report_errors(lambda: load_job(job_file), as_json=as_json)
     if estimate_only:
         figures = _report_errors(lambda: jobs.dry_run(job, limit, fresh=fresh),

@@ -381,6 +381,15 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
                         beyond_limit=more)
 
 
+def return_freed_memory() -> None:
+    """For a command-line run, a process of its own: make Arrow allocate with the
+    system allocator. Arrow's default (mimalloc) keeps the memory of freed
+    batches in per-thread heaps, which a streamed million-row input turns into
+    50-100 MB of peak RSS that is never used again. Library callers (a
+    notebook) keep whatever pool they chose."""
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 def id_strings(column: pa.Array) -> list[str]:
     """Ids as text, the same way for every input format."""
     return [str(value) for value in column.to_pylist()]
