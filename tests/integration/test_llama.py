@@ -14,7 +14,6 @@ import csv
 import importlib.util
 import json
 import os
-import re
 import secrets
 import signal
 import socket
@@ -223,19 +222,13 @@ def chat_directly(server: LlamaServer, text: str) -> dict[str, Any]:
         return dict(json.load(response))
 
 
-# batcher's summary line (batcher.summary.Summary): rows, ok and errors count the whole
-# results, checkpoint included; requests count this run's.
-SUMMARY = re.compile(r"([\d,]+) rows?: ([\d,]+) ok, ([\d,]+) errors? \(([\d,]+) from the "
-                     r"checkpoint\); this run: ([\d,]+) requests?")
-
-
-def summary_numbers(stderr: str) -> dict[str, int]:
-    match = SUMMARY.search(stderr)
-    assert match, f"no summary line in stderr:\n{stderr}"
-    rows, ok, errors, from_checkpoint, requests = (int(group.replace(",", ""))
-                                                   for group in match.groups())
-    return {"rows": rows, "ok": ok, "errors": errors, "from_checkpoint": from_checkpoint,
-            "requests": requests}
+def summary_numbers(results: Path) -> dict[str, int]:
+    """The run's figures from the JSON summary written beside the results (stable,
+    documented keys: README "Run summary"), not from the human summary line."""
+    summary = json.loads(results.with_name(results.stem + ".summary.json").read_text())
+    rows = summary["rows"]
+    return {"rows": rows["total"], "ok": rows["ok"], "errors": rows["error"],
+            "from_checkpoint": rows["from_checkpoint"], "requests": summary["run"]["requests"]}
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -251,7 +244,7 @@ def test_thirty_rows_get_real_replies_and_usage(llama_server: LlamaServer,
     wall = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     frame = check_results(output)
-    numbers = summary_numbers(result.stderr)
+    numbers = summary_numbers(output)
     assert numbers == {"rows": ROWS, "ok": ROWS, "errors": 0, "from_checkpoint": 0,
                        "requests": ROWS}
     assert (frame["attempts"] == 1).all()
@@ -379,7 +372,7 @@ def test_sigkill_then_resume_against_the_real_server(llama_server: LlamaServer,
 
         result = run_batcher(job, llama_server.key, "-q")
         assert result.returncode == 0, result.stderr
-        numbers = summary_numbers(result.stderr)
+        numbers = summary_numbers(output)
         # Nothing recorded is lost or asked again; only the unrecorded rows are sent.
         assert numbers["from_checkpoint"] == len(recorded)
         assert numbers["ok"] == ROWS and numbers["errors"] == 0
