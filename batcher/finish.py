@@ -162,8 +162,11 @@ def _stamp(prepared: Prepared, checkpoint: Checkpoint) -> dict[str, Any]:
                "schema_prefix": job.output.schema_prefix if job.output else ""}
     digest = hashlib.blake2b(orjson.dumps(shaping, option=orjson.OPT_SORT_KEYS),
                              digest_size=16).hexdigest()
+    journal = checkpoint.path.stat()
+    # The journal as a file, not only its length: a --fresh run that journals the
+    # same number of bytes again is still a new journal (new inode, new time).
     return {"job": digest, "input": prepared.input_digest, "limit": prepared.limit,
-            "journal_bytes": checkpoint.path.stat().st_size}
+            "journal": [journal.st_size, journal.st_mtime_ns, journal.st_ino]}
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
