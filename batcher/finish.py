@@ -83,7 +83,8 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
     stamp = _stamp(prepared, checkpoint)
     renderer = prepared.renderer()
     remade = batch_keys(prepared.batches(), prepared.job, renderer)
-    if _read_stamp(stamp_path) == {**stamp, **_file_identity(path)}:
+    stamps = _read_stamps(stamp_path)
+    if stamps.get(str(path)) == {**stamp, **_file_identity(path)}:
         # The store did not grow since the file was written: nothing was sent now.
         rows = prepared.row_count
         tally = _tally_store(checkpoint, remade)
@@ -120,7 +121,10 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
     rows = write_results(path, layout.schema, batches(),
                          csv_escape_formulas=output.csv_escape_formulas)
     checkpoint.sync()
-    _write_stamp(stamp_path, {**stamp, **_file_identity(path)})
+    # One stamp per results file: a --limit sample written beside the results does
+    # not make the full results look stale.
+    stamps[str(path)] = {**stamp, **_file_identity(path)}
+    _write_stamps(stamp_path, stamps)
     return Written(path, rows, failed, tally=tally)
 
 
@@ -178,15 +182,16 @@ def _file_identity(path: Path) -> dict[str, Any]:
             "inode": status.st_ino}
 
 
-def _read_stamp(path: Path) -> Any:
+def _read_stamps(path: Path) -> dict[str, Any]:
     try:
-        return orjson.loads(path.read_bytes())
+        stamps = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError):
-        return None
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
 
 
-def _write_stamp(path: Path, stamp: dict[str, Any]) -> None:
+def _write_stamps(path: Path, stamps: dict[str, Any]) -> None:
     """Best effort, and small enough for one write: a stamp torn by a kill, or none,
     only means the next run writes the results again."""
     with contextlib.suppress(OSError):
-        path.write_bytes(orjson.dumps(stamp))
+        path.write_bytes(orjson.dumps(stamps))

@@ -227,6 +227,8 @@ def test_a_limited_run_never_replaces_a_fuller_results_file(tmp_path: Path,
     assert output.read_bytes() == full
     assert len(pd.read_csv(sample)) == 2
     assert str(sample) in result.stdout
+    # The full results are still up to date afterwards: the next full run leaves them.
+    assert "already up to date" in invoke("run", str(job), "--quiet").stdout
 
 
 def test_a_rerun_with_nothing_to_send_leaves_the_results_alone(tmp_path: Path,
