@@ -27,8 +27,13 @@ One command does the whole cycle and is safe to repeat, from cron or by hand:
    writes the results. Otherwise, when no round is left, the results are
    written exactly as online mode writes them.
 
-The state file (``<checkpoint>.batch/state.json``) is replaced atomically at
-every step; the folder also holds the shard files until the cycle ends.
+The state file (``<checkpoint>.batch/state.json``, ``batcher.batchstate``) is
+replaced atomically at every step; the folder also holds the shard files until
+the cycle ends.
+
+Longer than most modules because :class:`BatchRun` is one state machine: its
+steps share the state, the checkpoint, the retry verdict and the clock, and read
+best in the order above, in one place.
 """
 
 from __future__ import annotations
@@ -41,24 +46,28 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
 from batcher.batchfile import Shard, ShardWriter, reconcile, request_line, shard_ids
+from batcher.batchstate import (
+    COLLECTED,
+    BatchState,
+    ShardRecord,
+    custom_id,
+    key_of,
+    position_of,
+    work_folder,
+)
 from batcher.checkpoint import Checkpoint
 from batcher.client import BatchClient, ChatClient, Endpoint
 from batcher.errors import (
     ApiError,
-    CheckpointError,
     Interrupted,
-    OutputError,
     RunAborted,
     Verdict,
-    fresh_option,
 )
 from batcher.finish import write_results_file
 from batcher.keys import shared_digest
@@ -72,136 +81,11 @@ from batcher.retry import RetryPolicy
 from batcher.runner import Run, RunOptions, RunReport, Runtime
 
 T = TypeVar("T")
-STATE_VERSION = 2  # 2: custom ids carry request keys, not request digests
 FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
-PLANNED, COLLECTED = "planned", "collected"
 LIST_MARGIN_S = 600.0
 """How far before a shard was planned the batch list is searched (clock skew)."""
 _BATCH_CONNECTIONS = 4
 _SHOWN_VALIDATION_ERRORS = 5
-
-
-def work_folder(checkpoint_path: Path) -> Path:
-    """Where a job's batch state and shard files live: beside its checkpoint."""
-    return checkpoint_path.with_name(checkpoint_path.name + ".batch")
-
-
-def custom_id(position: int, key: bytes) -> str:
-    """The row's name in a batch: its position when planned (for people reading
-    the files) and its request key (what its answer is stored under)."""
-    return f"{position}-{key.hex()}"
-
-
-def position_of(name: str) -> int:
-    return int(name.split("-", 1)[0])
-
-
-def key_of(name: str) -> bytes:
-    return bytes.fromhex(name.split("-", 1)[1])
-
-
-# -- state --------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardRecord:
-    """One shard of this cycle and what became of it."""
-
-    digest: str
-    file: str
-    requests: int
-    planned_at: float
-    file_id: str | None = None
-    batch_id: str | None = None
-    created_at: float | None = None
-    status: str = PLANNED  # the service's status, then collected
-    unfinished: list[str] = field(default_factory=list)  # custom ids to send again (expired)
-
-    @property
-    def open(self) -> bool:
-        return self.status != COLLECTED
-
-
-class BatchState:
-    """The cycle's shards, saved atomically to ``state.json`` after every change."""
-
-    def __init__(self, folder: Path, job_name: str,
-                 shards: list[ShardRecord] | None = None) -> None:
-        self.folder = folder
-        self.job_name = job_name
-        self.shards = shards or []
-
-    @property
-    def path(self) -> Path:
-        return self.folder / "state.json"
-
-    @classmethod
-    def load(cls, folder: Path, job_name: str) -> BatchState:
-        path = folder / "state.json"
-        try:
-            data = orjson.loads(path.read_bytes())
-        except FileNotFoundError:
-            return cls(folder, job_name)
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: cannot read the batch state ({exc}); batches "
-                                  "may still run at the service, so look there before "
-                                  f"running with {fresh_option()}") from None
-        # Requests are named by their keys, so batches of an earlier version of the job
-        # or its input are still collected: each answer goes to the rows with its key.
-        if data.get("version") != STATE_VERSION:
-            raise CheckpointError(f"{path}: batches were submitted by an older batcher; "
-                                  "collect them with that version, or run with "
-                                  f"{fresh_option()} to "
-                                  "forget them (they still run and are billed at the service)")
-        shards = [ShardRecord(**shard) for shard in data.get("shards", [])]
-        return cls(folder, job_name, shards)
-
-    def save(self) -> None:
-        data = {"version": STATE_VERSION, "job": self.job_name,
-                "shards": [asdict(shard) for shard in self.shards]}
-        temp = self.path.with_name(f".state.{os.getpid()}.tmp")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with temp.open("wb") as handle:
-                handle.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-                handle.flush()
-                os.fsync(handle.fileno())
-            temp.replace(self.path)
-            directory = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot save the batch state ({exc.strerror})"
-                              ) from None
-
-    def open_shards(self) -> list[ShardRecord]:
-        return [shard for shard in self.shards if shard.open]
-
-    def discard(self) -> None:
-        """The cycle is over: forget it (shard files included)."""
-        if not self.folder.exists():
-            return
-        for entry in self.folder.iterdir():
-            with contextlib.suppress(OSError):
-                entry.unlink()
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()
-        self.shards = []
-
-
-def forget_state(checkpoint_path: Path) -> int:
-    """For ``--fresh``: drop the batch state; returns how many batches were still open."""
-    folder = work_folder(checkpoint_path)
-    path = folder / "state.json"
-    still_open = 0
-    with contextlib.suppress(OSError, orjson.JSONDecodeError, TypeError):
-        data = orjson.loads(path.read_bytes())
-        still_open = sum(1 for shard in data.get("shards", [])
-                         if ShardRecord(**shard).open and shard.get("batch_id"))
-    BatchState(folder, "").discard()
-    return still_open
 
 
 # -- planning -----------------------------------------------------------------------------

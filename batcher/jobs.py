@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from batcher.batchmode import BatchRun, describe_plan, forget_state, plan_shards
+from batcher.batchmode import BatchRun, describe_plan, plan_shards
+from batcher.batchstate import forget_state
 from batcher.checkpoint import Checkpoint, lock_path_for, verify_checkpoint
 from batcher.client import ChatClient, Endpoint
 from batcher.config import Job

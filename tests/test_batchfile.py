@@ -17,7 +17,8 @@ from batcher.batchfile import (
     shard_digest,
     shard_ids,
 )
-from batcher.batchmode import custom_id, key_of, position_of, starts_new_shard
+from batcher.batchmode import starts_new_shard
+from batcher.batchstate import custom_id, key_of, position_of
 from batcher.wire import request_body
 
 
