@@ -19,9 +19,9 @@ import click
 import orjson
 
 from batcher import __version__, jobs
-from batcher.config import load_job
 from batcher.errors import BatcherError
 from batcher.inputs import return_freed_memory
+from batcher.jobload import load_job
 from batcher.jobs import SIMULATED_NOTICE
 from batcher.mock_server import MockConfig, serve_forever
 from batcher.redact import printable

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from batcher.config import load_job
 from batcher.errors import ConfigError, DataError
+from batcher.jobload import load_job
 from batcher.records import RESULT_COLUMNS, STATUS_OK
 from batcher.summary import summary_path
 

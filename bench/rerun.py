@@ -59,7 +59,7 @@ def edit_every(path: Path, every: int) -> int:
 def decide_in_process(job_path: Path) -> tuple[float, float, int]:
     """Seconds to open the checkpoint, seconds to key and look up every row, rows to send."""
     from batcher.checkpoint import Checkpoint
-    from batcher.config import load_job
+    from batcher.jobload import load_job
     from batcher.preflight import prepare
 
     job = load_job(job_path)

@@ -27,7 +27,7 @@ import yaml
 from click.testing import CliRunner
 
 from batcher.cli import main
-from batcher.config import job_from_dict, load_job
+from batcher.jobload import job_from_dict, load_job
 from batcher.jobs import arun_job
 from batcher.mock_server import MockConfig, MockServer, reply_for
 from batcher.runner import RunOptions, RunReport, Runtime

@@ -41,7 +41,7 @@ from conftest import (
 )
 
 from batcher.checkpoint import Checkpoint
-from batcher.config import load_job
+from batcher.jobload import load_job
 from batcher.mock_server import MockServer, reply_for
 from batcher.records import RowResult
 from batcher.runner import prepare

@@ -34,8 +34,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # leaves: import nothing from batcher (the package facade loads lazily)
     ("__init__", "errors", "records", "redact", "pricing", "mock_server", "budget", "safefiles",
      "tally", "structured"),
-    # the job's validated settings and the wire format
-    ("config", "wire"),
+    # the job's validated settings, loading them, and the wire format
+    ("config", "jobload", "wire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
     ("inputs", "outputs", "checkpoint", "prompts", "retry", "limits", "client", "endpoints",
      "progress", "batchfile", "batchstate", "tokens", "keys", "schema_columns"),
@@ -64,8 +64,8 @@ OWNERS: dict[str, tuple[str, ...] | None] = {
     "tqdm": ("progress",),
     "ipywidgets": ("progress",),  # optional (the notebook extra): the progress widget
     "click": ("cli",),
-    "pydantic": ("config",),
-    "yaml": ("config",),
+    "pydantic": ("config", "jobload"),
+    "yaml": ("jobload",),
     "orjson": None,
     "jsonschema": ("structured",),
 }

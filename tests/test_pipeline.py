@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from batcher.checkpoint import Checkpoint
-from batcher.config import job_from_dict
 from batcher.errors import ApiError, RunAborted
+from batcher.jobload import job_from_dict
 from batcher.limits import RateLimiter
 from batcher.pipeline import FunctionSender, RowRequest, Sending, attempt_row
 from batcher.preflight import prepare

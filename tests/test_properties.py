@@ -32,8 +32,8 @@ from conftest import TEST_KEY, job_dict, read_rows, run_job, write_job
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from batcher.config import load_job
 from batcher.errors import ConfigError, DataError
+from batcher.jobload import load_job
 from batcher.mock_server import MockConfig, MockServer, reply_for
 from batcher.records import RESULT_COLUMNS
 from batcher.runner import prepare

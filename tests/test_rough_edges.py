@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from conftest import TEST_KEY, job_dict, prompts_csv, write_csv, write_job
 
 from batcher import cli
-from batcher.config import job_from_dict
+from batcher.jobload import job_from_dict
 from batcher.jobs import arun_job
 from batcher.mock_server import MockServer, reply_for
 from batcher.progress import Progress, RunStats

@@ -25,8 +25,8 @@ from conftest import (
     write_job,
 )
 
-from batcher.config import load_job
 from batcher.errors import BatcherError, RunAborted
+from batcher.jobload import load_job
 from batcher.jobs import dry_run
 from batcher.mock_server import MockServer
 

@@ -32,8 +32,8 @@ from security_servers import (
 
 import batcher
 from batcher.cli import main
-from batcher.config import job_from_dict
 from batcher.errors import ConfigError
+from batcher.jobload import job_from_dict
 from batcher.jobs import endpoint_for
 from batcher.mock_server import MockConfig, MockServer
 from batcher.redact import Redactor, printable

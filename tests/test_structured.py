@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict
 
 import batcher
 from batcher.cli import main
-from batcher.config import job_from_dict
 from batcher.errors import ConfigError, DataError, RunAborted
+from batcher.jobload import job_from_dict
 from batcher.jobs import arun_job
 from batcher.mock_server import MockConfig, MockServer
 from batcher.mock_server.instances import instance_for, rng_for

@@ -3,7 +3,7 @@
 The frame's prompt columns are written to a Parquet file, run like any job,
 and the result columns are appended to a copy of the caller's frame, index
 and dtypes untouched. Keyword arguments are turned into a plain dict in the
-job file's shape and validated by :func:`batcher.config.job_from_dict`, so a
+job file's shape and validated by :func:`batcher.jobload.job_from_dict`, so a
 bad keyword reads exactly like a bad YAML key.
 """
 
@@ -30,8 +30,9 @@ from batcher.api.workspace import (
     scratch_folder,
     session_key,
 )
-from batcher.config import Job, job_from_dict
+from batcher.config import Job
 from batcher.errors import ConfigError, DataError
+from batcher.jobload import job_from_dict
 from batcher.records import (
     RESULT_COLUMNS,
     SOURCE_COLUMN,

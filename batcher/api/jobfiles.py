@@ -11,8 +11,9 @@ from typing import Any, TypeAlias
 from batcher.api.bridge import blocking
 from batcher.api.calls import check_limit, execute, options, summarize, with_key
 from batcher.api.results import Result, result_columns
-from batcher.config import Job, job_from_dict, load_job
+from batcher.config import Job
 from batcher.errors import ConfigError
+from batcher.jobload import job_from_dict, load_job
 
 JobSource: TypeAlias = str | os.PathLike[str] | Job | Mapping[str, Any]
 """A job file's path, a mapping in the job file's shape, or a loaded ``Job``."""

@@ -81,7 +81,7 @@ def synthesize_checkpoint(job_path: Path, done_rows: int) -> Path:
     journal format batcher uses; each holds a ``RowResult`` like the mock's.
     """
     from batcher.checkpoint import Checkpoint
-    from batcher.config import load_job
+    from batcher.jobload import load_job
     from batcher.mock_server import reply_for
     from batcher.preflight import prepare
     from batcher.records import RESULT_FIELDS, RowResult
