@@ -186,7 +186,7 @@ class Progress:
         return (f"{stats.finished}/{stats.total_rows} rows ({share:.0%}), {stats.ok} ok, "
                 f"{stats.errors} error{'' if stats.errors == 1 else 's'}, "
                 f"{stats.rows_per_minute():.0f} rows/min, "
-                f"ETA {'unknown' if eta is None else _duration(eta)}")
+                f"ETA {'unknown' if eta is None else duration(eta)}")
 
     def _log(self, text: str) -> None:
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -194,7 +194,8 @@ class Progress:
         print(printable(f"{stamp} batcher{job} {text}"), file=self._stream, flush=True)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A span for a person: ``1h09m``, ``4m05s``, ``12s``."""
     whole = round(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)

@@ -20,6 +20,7 @@ from batcher.keys import KEY_BYTES, split
 from batcher.pipeline import batch_keys
 from batcher.preflight import Prepared
 from batcher.pricing import NoPrice, resolve_price
+from batcher.progress import duration
 from batcher.runner import prepare
 from batcher.tally import Tally
 
@@ -77,7 +78,7 @@ class JobStatus:
             eta = self.eta_s
             lines.append(f"rate: {self.rows_per_minute:,.0f} rows/min over the last minute; "
                          + ("ETA unknown (nothing finished in the last minute)" if eta is None
-                            else f"ETA {_duration(eta)}"))
+                            else f"ETA {duration(eta)}"))
         if self.note:
             lines.append(f"note: {self.note}")
         return "\n".join(lines)
@@ -148,12 +149,3 @@ def _chunks(records: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[
             chunk = []
     if chunk:
         yield chunk
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"

@@ -52,7 +52,7 @@ def test_status_while_a_slow_run_goes_on_and_after_it_ends(
         done = int(re.search(r"running; (\d+)/24 rows done", out).group(1))  # type: ignore[union-attr]
         assert 4 <= done < ROWS
         assert "test-job: running" in out
-        assert re.search(r"rate: [\d,]+ rows/min over the last minute; ETA \d+ s", out), out
+        assert re.search(r"rate: [\d,]+ rows/min over the last minute; ETA \d+s", out), out
         assert "cost so far: $" in out and "tokens: " in out
         code, out, _ = _status(job, "--json")
         figures = json.loads(out)
