@@ -32,13 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import BenchError
-from harness.jobs import checkpoint_path, job_dict, make_parquet_input, write_job
-from harness.journal import JournalWatcher
+from harness.jobs import job_dict, make_parquet_input, write_job
 from harness.mock import MockProcess, by_status
-from harness.processes import BatcherProcess, summary_line
+from harness.processes import summary_line
 from harness.report import bench_main, print_table, print_targets, small_flag
-from utilization import read_journal
+from harness.watched import run_watched
 
 ACCOUNT_RPM = 6000
 LATENCY_S = 0.05
@@ -105,22 +103,14 @@ def run_scenario(folder: Path, source: Path, rows: int, scenario: Scenario) -> O
         job = write_job(work / "job.yaml", job_dict(
             mock.base_url, source, output, concurrency=CONCURRENCY,
             requests_per_minute=ACCOUNT_RPM, retry={"max_attempts": 10}))
-        process = BatcherProcess(job)
-        print(f"[{scenario.name}] mock: {' '.join(mock.command[1:])}")
-        print(f"[{scenario.name}] batcher: {' '.join(process.command[1:])} "
-              f"(requests_per_minute {ACCOUNT_RPM}, concurrency {CONCURRENCY})", flush=True)
-        watcher = JournalWatcher(checkpoint_path(output)).start()
-        run = process.start().wait(timeout_s=180 + rows / 5, ok_codes=(0, 1))
-        watcher.stop()
-        stats = mock.stats()
-    rows_ok, rows_failed, _tokens = read_journal(checkpoint_path(output))
-    if rows_ok + rows_failed != rows:
-        raise BenchError(f"{scenario.name}: {rows_ok + rows_failed} of {rows} rows journaled")
-    span = watcher.sending_s
-    ok_per_min = (watcher.rows - watcher.first_rows) * 60 / span if span > 0 else 0.0
-    return Outcome(scenario, rows, rows_ok, int(stats["requests_total"]),
+        watched = run_watched(scenario.name, mock, job, output, rows,
+                              timeout_s=180 + rows / 5,
+                              settings=f"requests_per_minute {ACCOUNT_RPM}, concurrency "
+                                       f"{CONCURRENCY}")
+    stats = watched.stats
+    return Outcome(scenario, rows, watched.rows_ok, int(stats["requests_total"]),
                    by_status(stats).get(429, 0), int(stats["background"]["dropped"]),
-                   ok_per_min, run.usage.wall_s, summary_line(run))
+                   watched.ok_per_min, watched.run.usage.wall_s, summary_line(watched.run))
 
 
 def report(outcomes: list[Outcome]) -> None:

@@ -32,13 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-from harness import BenchError
-from harness.jobs import MAX_TOKENS, checkpoint_path, job_dict, make_parquet_input, write_job
-from harness.journal import JournalWatcher
+from harness.jobs import MAX_TOKENS, job_dict, make_parquet_input, write_job
 from harness.mock import MockProcess, by_status
-from harness.processes import BatcherProcess, summary_line
+from harness.processes import summary_line
 from harness.report import bench_main, print_table, print_targets, small_flag
+from harness.watched import run_watched
 
 RPM = 6000
 LATENCY_S = 0.05
@@ -102,38 +100,16 @@ def run_scenario(folder: Path, source: Path, rows: int, scenario: Scenario) -> O
         job = write_job(work / "job.yaml", job_dict(
             mock.base_url, source, output, concurrency=CONCURRENCY,
             requests_per_minute=rpm, tokens_per_minute=tpm))
-        process = BatcherProcess(job)
-        print(f"[{scenario.name}] mock: {' '.join(mock.command[1:])}")
-        print(f"[{scenario.name}] batcher: {' '.join(process.command[1:])} (limits: "
-              f"{limits or 'none'}, concurrency {CONCURRENCY})", flush=True)
-        watcher = JournalWatcher(checkpoint_path(output)).start()
-        # Exit 1 (some rows failed for good) is a result here, not a broken run.
-        run = process.start().wait(timeout_s=120 + rows / 20, ok_codes=(0, 1))
-        watcher.stop()
-        stats = mock.stats()
-    rows_ok, rows_failed, prompt_tokens = read_journal(checkpoint_path(output))
-    if rows_ok + rows_failed != rows:
-        raise BenchError(f"{scenario.name}: {rows_ok + rows_failed} of {rows} rows journaled")
-    statuses = by_status(stats)
-    span = watcher.sending_s
-    ok_per_min = (watcher.rows - watcher.first_rows) * 60 / span if span > 0 else 0.0
-    tokens_per_row = prompt_tokens / rows_ok + MAX_TOKENS if rows_ok else 0.0
-    return Outcome(scenario, rows_ok, rows_failed, int(stats["requests_total"]),
-                   statuses.get(429, 0), span, ok_per_min, ok_per_min * tokens_per_row,
-                   run.usage.wall_s, summary_line(run))
-
-
-def read_journal(path: Path) -> tuple[int, int, int]:
-    """Rows ok, rows failed (latest outcome per row) and the prompt tokens of the ok rows."""
-    latest: dict[int, dict[str, object]] = {}
-    with path.open("rb") as handle:
-        next(handle)  # header
-        for line in handle:
-            record = orjson.loads(line)
-            latest[record["i"]] = record
-    ok = [record for record in latest.values() if record["status"] == "ok"]
-    tokens = sum(int(record["prompt_tokens"] or 0) for record in ok)  # type: ignore[call-overload]
-    return len(ok), len(latest) - len(ok), tokens
+        watched = run_watched(scenario.name, mock, job, output, rows,
+                              timeout_s=120 + rows / 20,
+                              settings=f"limits: {limits or 'none'}, concurrency {CONCURRENCY}")
+    ok = watched.rows_ok
+    tokens_per_row = watched.prompt_tokens / ok + MAX_TOKENS if ok else 0.0
+    stats = watched.stats
+    return Outcome(scenario, ok, watched.rows_failed, int(stats["requests_total"]),
+                   by_status(stats).get(429, 0), watched.sending_s, watched.ok_per_min,
+                   watched.ok_per_min * tokens_per_row, watched.run.usage.wall_s,
+                   summary_line(watched.run))
 
 
 def report(outcomes: list[Outcome]) -> None:

@@ -21,6 +21,8 @@ the two processes compete for the machine's cores as they would in real use.
   CPU time.
 * :mod:`harness.journal`: :class:`JournalWatcher` follows the checkpoint as
   it grows, timing the sending period without adding load to the mock.
+* :mod:`harness.watched`: :func:`run_watched`, one timed run against a mock,
+  the shape the rate benchmarks (utilization, sharing) share.
 * :mod:`harness.profiling`: py-spy, and where a profiled run spent its time.
 """
 
