@@ -78,7 +78,7 @@ from batcher.progress import INPUT_ERROR_CLASS, RunStats
 from batcher.records import RowResult
 from batcher.redact import Redactor
 from batcher.retry import RetryPolicy
-from batcher.runner import Run, RunOptions, RunReport, Runtime
+from batcher.runner import Run, RunOptions, RunReport, Runtime, signals_handled
 
 T = TypeVar("T")
 FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
@@ -165,7 +165,7 @@ class BatchRun:
             stopped.append(signum)
             task.cancel()
 
-        with self._signals(stop):
+        with signals_handled(stop, enabled=self._options.handle_signals):
             try:
                 return await task
             except asyncio.CancelledError:
@@ -531,25 +531,6 @@ class BatchRun:
             raise RunAborted(f"could not {what}: {error.message}{hint}; the batch state is "
                              "kept, run the same command again") from None
         return delay
-
-    @contextlib.contextmanager
-    def _signals(self, stop: Callable[[int], None]) -> Iterator[None]:
-        if not self._options.handle_signals:
-            yield
-            return
-        loop = asyncio.get_running_loop()
-        installed = []
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(signum, stop, signum)
-                installed.append(signum)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread
-        try:
-            yield
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
 
 
 def _lines(paths: list[Path]) -> Iterator[bytes]:

@@ -172,7 +172,7 @@ class Run:
         self._progress = Progress(self.stats, enabled=self._options.progress,
                                   bar=self._options.bar, label=self.job.name)
         try:
-            with self._signals_handled():
+            with signals_handled(self.request_stop, enabled=self._options.handle_signals):
                 await self._dispatch()
                 self._progress.close()
                 if self._budget is not None and self._budget.reached:
@@ -355,25 +355,6 @@ class Run:
         self._checkpoint.append([(row.key, row.position)], result)
         self._progress.update(row.position, result, shared=True)
 
-    @contextlib.contextmanager
-    def _signals_handled(self) -> Iterator[None]:
-        if not self._options.handle_signals:
-            yield
-            return
-        loop = asyncio.get_running_loop()
-        installed = []
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(signum, self.request_stop, signum)
-                installed.append(signum)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread, or a platform without signal support
-        try:
-            yield
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
-
 
 def _budget(job: Job, checkpoint: Checkpoint, price: Price | None) -> Budget | None:
     """The job's budget, less what earlier runs of it spent (read from the checkpoint:
@@ -392,6 +373,28 @@ def _budget(job: Job, checkpoint: Checkpoint, price: Price | None) -> Budget | N
         spent_tokens += record.get("total_tokens") or 0
     return Budget(limits.max_cost_usd, limits.max_total_tokens, spent_usd=spent_usd,
                   spent_tokens=spent_tokens)
+
+
+@contextlib.contextmanager
+def signals_handled(stop: Callable[[int], None], *, enabled: bool = True) -> Iterator[None]:
+    """SIGINT and SIGTERM call ``stop(signum)`` while the block runs (only possible
+    on the main thread; elsewhere the block runs without them)."""
+    if not enabled:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread, or a platform without signal support
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:
