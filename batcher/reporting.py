@@ -7,17 +7,13 @@ with examples, and the slowest and most expensive rows. Plots are PNGs
 inside the page (base64 ``data:`` URLs); the page loads nothing from a
 network and runs no script.
 
-matplotlib is an optional extra (``pip install 'batcher[report]'``): a cron
-job or a server that never draws a chart does not need it. Figures are
-built with matplotlib's object API and the Agg canvas, never ``pyplot``, so
-no global state or display backend is touched.
+The figures are drawn by ``batcher.charts`` (matplotlib, an optional extra);
+this module reads the results and assembles the page.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from batcher import charts
 from batcher.errors import ConfigError, DataError
 from batcher.jobload import load_job
 from batcher.records import RESULT_COLUMNS, STATUS_OK
@@ -101,7 +98,7 @@ class Report:
         parts += [f"<p class='note'>{_text(note)}</p>" for note in self.notes]
         for name, figure in self.figures.items():
             parts.append(f"<h2>{_text(name)}</h2><figure><img alt='{_text(name)}' "
-                         f"src='data:image/png;base64,{_png_base64(figure)}'></figure>")
+                         f"src='data:image/png;base64,{charts.png_base64(figure)}'></figure>")
         for name, table in self.tables.items():
             parts.append(f"<h2>{_text(name)}</h2>")
             parts.append(table.to_html(index=False, border=0, na_rep="", escape=True)
@@ -127,13 +124,13 @@ def build_report(results: Path, *, summary: dict[str, Any] | None = None,
     ok = frame[frame["status"] == STATUS_OK]
     totals = _totals(frame, ok, summary)
     figures = {
-        "Throughput over time": _throughput(frame, summary),
-        "Latency of answered rows": _latency(ok),
-        "Tokens per row": _tokens(ok),
+        "Throughput over time": charts.throughput(frame, summary),
+        "Latency of answered rows": charts.latency(ok),
+        "Tokens per row": charts.tokens(ok),
     }
     errors = frame[frame["status"] != STATUS_OK]
     if len(errors):
-        figures["Errors by class"] = _errors(errors)
+        figures["Errors by class"] = charts.errors_by_class(errors)
     tables = {
         "Errors by class, with examples": _error_examples(errors),
         f"Slowest {TOP_ROWS} rows": _top(frame, ok, "latency_s"),
@@ -247,89 +244,6 @@ def _top(frame: pd.DataFrame, ok: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def _input_columns(frame: pd.DataFrame) -> list[str]:
     return [name for name in frame.columns if name not in RESULT_COLUMNS and name != "row"]
-
-
-# -- figures ---------------------------------------------------------------------------------
-
-
-def _figure(height: float = 3.2) -> Figure:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ConfigError("the report draws with matplotlib, which is not installed: "
-                          "pip install 'batcher[report]'") from None
-    return Figure(figsize=(8, height), dpi=100, layout="constrained")
-
-
-def _throughput(frame: pd.DataFrame, summary: dict[str, Any] | None) -> Figure:
-    figure = _figure()
-    axes = figure.add_subplot()
-    moments = frame["finished_at"].dropna().to_numpy()
-    limit = (summary or {}).get("run", {}).get("requests_per_minute_limit")
-    if len(moments):
-        elapsed = moments - moments.min()
-        # About 40 bars, never under a quarter second; a last partial bar is
-        # left out rather than drawn as a false drop.
-        width = max(0.25, float(elapsed.max()) / 40)
-        bars = max(1, int(elapsed.max() // width))
-        counts, edges = np.histogram(elapsed, bins=bars, range=(0, bars * width))
-        axes.stairs(counts * 60.0 / width, edges, baseline=None, linewidth=2, zorder=3,
-                    label="rows finished per minute")
-        axes.set_xlabel(f"seconds since the first row finished ({width:g} s bars)")
-    else:
-        axes.text(0.5, 0.5, "no finish times recorded", ha="center", va="center",
-                  transform=axes.transAxes)
-    if limit:
-        axes.axhline(limit, color="tab:red", linestyle="--", zorder=2,
-                     label=f"limit: {limit:,.0f}/min")
-    axes.set_ylabel("per minute")
-    axes.set_ylim(bottom=0)
-    axes.legend(loc="lower right")
-    return figure
-
-
-def _latency(ok: pd.DataFrame) -> Figure:
-    figure = _figure()
-    axes = figure.add_subplot()
-    values = ok["latency_s"].dropna().to_numpy()
-    if len(values):
-        axes.hist(values, bins=min(50, max(5, len(values) // 5)), color="tab:blue")
-        for percent, style in ((50, "-"), (90, "--"), (99, ":")):
-            mark = float(np.percentile(values, percent))
-            axes.axvline(mark, color="black", linestyle=style, label=f"p{percent} {mark:.3f} s")
-        axes.legend()
-    axes.set_xlabel("seconds")
-    axes.set_ylabel("rows")
-    return figure
-
-
-def _tokens(ok: pd.DataFrame) -> Figure:
-    figure = _figure()
-    axes = figure.add_subplot()
-    for column, label in (("prompt_tokens", "prompt"), ("completion_tokens", "completion")):
-        values = ok[column].dropna().to_numpy(dtype="float64")
-        if len(values):
-            axes.hist(values, bins=40, alpha=0.6, label=label)
-    axes.set_xlabel("tokens")
-    axes.set_ylabel("rows")
-    if len(ok):
-        axes.legend()
-    return figure
-
-
-def _errors(errors: pd.DataFrame) -> Figure:
-    counts = errors["error_class"].fillna("error").value_counts().iloc[::-1]
-    figure = _figure(height=1.0 + 0.45 * len(counts))
-    axes = figure.add_subplot()
-    axes.barh([str(name) for name in counts.index], counts.to_numpy(), color="tab:red")
-    axes.set_xlabel("rows")
-    return figure
-
-
-def _png_base64(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")  # PNG is drawn by the Agg renderer
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _text(value: object) -> str:

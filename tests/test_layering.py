@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "jobload", "wire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
     ("inputs", "outputs", "checkpoint", "prompts", "retry", "limits", "client", "endpoints",
-     "progress", "batchfile", "batchstate", "tokens", "keys", "schema_columns"),
+     "progress", "batchfile", "batchstate", "tokens", "keys", "schema_columns", "charts"),
     # the row pipeline and the runs around it (online, batch): checks before, the results write
     ("pipeline", "preflight", "finish", "runner", "batchmode"),
     # a validated job run end to end, its summary, status and report: what the CLI and the
@@ -56,7 +56,7 @@ OWNERS: dict[str, tuple[str, ...] | None] = {
     "pyarrow": ("inputs", "outputs", "schema_columns"),
     "pandas": ("inputs", "outputs", "api.frames", "api.results", "reporting"),
     "numpy": None,  # compact per-row arrays wherever rows are counted or keyed
-    "matplotlib": ("reporting",),
+    "matplotlib": ("charts",),
     "genai_prices": ("pricing",),
     "tiktoken": ("tokens",),
     "bpe_openai": ("tokens",),
