@@ -7,35 +7,26 @@ background. The input file is validated when ``validating`` ends (a batch
 with problems becomes ``failed`` with ``errors.data``), and every line is
 answered when ``in_progress`` ends, through the same parser, replies and
 faults as the online endpoint. Output and error files come out shuffled.
-
-Per-line behaviour is chosen by a marker in the line's last user message,
-beside the online ``[[fault:KIND]]`` markers (which give the line that
-status and body, with the line's ``error`` null):
-
-* ``[[batch:invalid]]``: the line fails validation, so the batch fails;
-* ``[[batch:slow]]``: the line never finishes, so the batch ``expired``;
-  its line lands in the error file with ``error.code: batch_expired``;
-* ``[[batch:status0]]``: an output-file line whose ``response.status_code`` is 0;
-* ``[[batch:line_error]]``: ``response: null`` and ``error`` set;
-* ``[[batch:missing]]``: the line is in neither file.
-
-``[[batch:KIND*N]]`` applies to the first N batches that run that prompt only
-(so ``[[batch:slow*1]]`` expires once and is answered when submitted again).
+Each line's own behaviour (``[[batch:KIND]]`` markers) is read by
+``batch_lines``.
 
 A cancel moves an unfinished batch to ``cancelling`` and, a phase later, to
 ``cancelled`` with the first half of its lines answered and the rest in
 neither file.
+
+Longer than most modules because :class:`BatchStore` is one state machine:
+the calls, the clock-driven phases and the answering of lines all act on the
+same files and batches.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .batch_lines import SERVED_ENDPOINT, Line, read_lines
 from .calls import BadRequest, parse_call
 from .config import MockConfig
 from .fault_replies import FaultContext, render_fault
@@ -48,12 +39,8 @@ BATCH_ENDPOINTS = frozenset({
     "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/videos",
 })
 """What ``POST /v1/batches`` accepts as ``endpoint`` (spec ``CreateBatchRequest``)."""
-SERVED_ENDPOINT = "/v1/chat/completions"
 FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 WINDOW_S = 24 * 3600
-LINE_KINDS = frozenset({"invalid", "slow", "status0", "line_error", "missing"})
-_LINE_MARKER = re.compile(r"\[\[batch:([A-Za-z0-9_]+)(?:\*(\d+))?\]\]")
-_BOM = b"\xef\xbb\xbf"
 _MAX_METADATA_KEYS = 16
 
 
@@ -119,16 +106,6 @@ class Batch:
         if self.model is not None:
             body["model"] = self.model
         return body
-
-
-@dataclass
-class _Line:
-    custom_id: str
-    body: dict[str, Any]
-    raw_body: bytes
-    prompt: str
-    markers: list[tuple[str, str]]
-    kinds: frozenset[str] = frozenset()
 
 
 class BatchStore:
@@ -237,7 +214,8 @@ class BatchStore:
         phase = self.config.batch_phase_s
         if batch.status == "validating" and now >= batch.phase_started + phase:
             at = batch.phase_started + phase
-            lines, problems = self._validate(self.files[batch.input_file_id].content)
+            lines, problems = read_lines(self.files[batch.input_file_id].content,
+                                           self.config.batch_max_requests)
             batch.counts["total"] = len(lines)
             if problems:
                 batch.status, batch.errors = "failed", problems
@@ -265,9 +243,10 @@ class BatchStore:
             batch.status = "cancelled"
             batch.times["cancelled_at"] = int(at)
 
-    def _run_lines(self, batch: Batch) -> list[_Line]:
+    def _run_lines(self, batch: Batch) -> list[Line]:
         """The batch's lines with the markers that apply to this run of each prompt."""
-        lines, _ = self._validate(self.files[batch.input_file_id].content)
+        lines, _ = read_lines(self.files[batch.input_file_id].content,
+                                           self.config.batch_max_requests)
         for line in lines:
             runs = self._runs[line.prompt] = self._runs.get(line.prompt, 0) + 1
             line.kinds = frozenset(kind for kind, count in line.markers
@@ -280,67 +259,7 @@ class BatchStore:
         batch.times[f"{status}_at"] = int(now)
         batch.phase_started = now
 
-    def _validate(self, content: bytes) -> tuple[list[_Line], list[dict[str, Any]]]:
-        """The file's lines, and the validation errors OpenAI would report for it."""
-        problems: list[dict[str, Any]] = []
-
-        def problem(code: str, message: str, line: int | None, param: str | None = None) -> None:
-            problems.append({"code": code, "message": message, "param": param, "line": line})
-
-        if content.startswith(_BOM):
-            problem("invalid_json_line", "The file starts with a byte order mark (BOM); "
-                    "save it as UTF-8 without BOM.", 1)
-            return [], problems
-        lines: list[_Line] = []
-        seen: set[str] = set()
-        models: set[str] = set()
-        raw_lines = [raw for raw in content.split(b"\n") if raw.strip()]
-        if not raw_lines:
-            problem("empty_file", "The input file is empty.", None)
-        if len(raw_lines) > self.config.batch_max_requests:
-            problem("too_many_requests", f"The input file has {len(raw_lines)} requests; a "
-                    f"batch holds at most {self.config.batch_max_requests}.", None)
-        for number, raw in enumerate(raw_lines, start=1):
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                problem("invalid_json_line", f"Line {number} is not valid JSON.", number)
-                continue
-            custom_id = data.get("custom_id") if isinstance(data, dict) else None
-            body = data.get("body") if isinstance(data, dict) else None
-            if not isinstance(custom_id, str) or not custom_id:
-                problem("missing_required_parameter", "Missing 'custom_id'.", number, "custom_id")
-                continue
-            if custom_id in seen:
-                problem("duplicate_custom_id", f"The custom_id '{custom_id}' is used more than "
-                        "once; custom_id must be unique within a batch.", number, "custom_id")
-            seen.add(custom_id)
-            if data.get("method") != "POST":
-                problem("invalid_method", "Only POST is supported.", number, "method")
-            if data.get("url") != SERVED_ENDPOINT:
-                problem("mismatched_url", f"The url of line {number} does not match the "
-                        f"batch's endpoint {SERVED_ENDPOINT}.", number, "url")
-            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-                problem("invalid_request", "The body must be an object with a 'model'.",
-                        number, "body")
-                continue
-            models.add(body["model"])
-            prompt = _last_user_text(body)
-            markers: list[tuple[str, str]] = _LINE_MARKER.findall(prompt)
-            for kind, _count in markers:
-                if kind not in LINE_KINDS:
-                    problem("invalid_request", f"Unknown mock batch marker '{kind}'.", number)
-            if any(kind == "invalid" for kind, _count in markers):
-                problem("invalid_request", f"Line {number} was rejected by the mock server as "
-                        "instructed ([[batch:invalid]]).", number, "body")
-            lines.append(_Line(custom_id, body, raw_line_body(data), prompt, markers))
-        if len(models) > 1:
-            problem("mismatched_model", "Each input file can only include requests to a single "
-                    f"model; this one names {len(models)}: {', '.join(sorted(models))}.", None,
-                    "model")
-        return lines, problems
-
-    def _answer(self, batch: Batch, lines: list[_Line], unfinished_code: str | None,
+    def _answer(self, batch: Batch, lines: list[Line], unfinished_code: str | None,
                 now: float) -> None:
         """Answer ``lines`` into shuffled output/error files and count them."""
         output: list[bytes] = []
@@ -381,7 +300,7 @@ class BatchStore:
         if errors:
             batch.error_file_id = self._output_file(batch, "error", errors, now).id
 
-    def _respond(self, line: _Line) -> tuple[int, Any]:
+    def _respond(self, line: Line) -> tuple[int, Any]:
         try:
             call = parse_call(line.raw_body)
         except BadRequest as exc:
@@ -417,25 +336,10 @@ class BatchStore:
         return stored
 
 
-def raw_line_body(data: dict[str, Any]) -> bytes:
-    return dumps(data.get("body"))
-
-
 def _line(custom_id: str, response: dict[str, Any] | None,
           error: dict[str, str] | None) -> bytes:
     return dumps({"id": _new_id("batch_req_"), "custom_id": custom_id, "response": response,
                   "error": error}) + b"\n"
-
-
-def _last_user_text(body: dict[str, Any]) -> str:
-    messages = body.get("messages")
-    text = ""
-    if isinstance(messages, list):
-        for message in messages:
-            if isinstance(message, dict) and message.get("role") == "user":
-                content = message.get("content")
-                text = content if isinstance(content, str) else ""
-    return text
 
 
 def _check_metadata(metadata: Any) -> None:
