@@ -74,7 +74,7 @@ from batcher.keys import shared_digest
 from batcher.pipeline import Sender, row_cost, row_request
 from batcher.preflight import Prepared
 from batcher.pricing import Price
-from batcher.progress import INPUT_ERROR_CLASS, RunStats
+from batcher.progress import RunStats
 from batcher.records import RowResult
 from batcher.redact import Redactor
 from batcher.retry import RetryPolicy
@@ -244,7 +244,7 @@ class BatchRun:
                     request = row_request(row, job, renderer)
                     if isinstance(request, RowResult):
                         # The input's fault: counted, never stored (see batcher.finish).
-                        self.stats.record(row.position, request, INPUT_ERROR_CLASS)
+                        self.stats.record(row.position, request)
                         continue
                     name = custom_id(row.position, row.key)
                     line = request_line(name, request.body)
@@ -466,7 +466,7 @@ class BatchRun:
         result.finished_at = round(self._runtime.wall(), 3)
         position = position_of(name)
         self._checkpoint.append([(key_of(name), position)], result)
-        self.stats.record(position, result, "a failed batch line")
+        self.stats.record(position, result)
 
     # -- finish -----------------------------------------------------------------------------
 

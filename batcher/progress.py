@@ -58,17 +58,15 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     error_classes: dict[str, ErrorClass] = field(default_factory=dict)
 
-    def record(self, position: int, result: RowResult, error_class: str | None = None, *,
-               shared: bool = False) -> None:
-        """Count one finished row; ``error_class`` groups failures for the summary
-        (the failure's signature, or ``INPUT_ERROR_CLASS`` for a row that could not
-        be sent); a ``shared`` row's tokens were counted with its twin's."""
+    def record(self, position: int, result: RowResult, *, shared: bool = False) -> None:
+        """Count one finished row; failures are grouped by the row's ``error_class``
+        for the summary; a ``shared`` row's tokens were counted with its twin's."""
         if result.ok:
             self.ok += 1
             self.truncated += result.finish_reason == "length"
         else:
             self.errors += 1
-            name = error_class or result.error_class or "an unclassified error"
+            name = result.error_class or "an unclassified error"
             known = self.error_classes.get(name)
             if known is None:
                 self.error_classes[name] = ErrorClass(1, position, result.error or "")
@@ -151,9 +149,8 @@ class Progress:
         if self._bar is not None and rows:
             self._bar.update(rows)
 
-    def update(self, position: int, result: RowResult, error_class: str | None = None, *,
-               shared: bool = False) -> None:
-        self._stats.record(position, result, error_class, shared=shared)
+    def update(self, position: int, result: RowResult, *, shared: bool = False) -> None:
+        self._stats.record(position, result, shared=shared)
         if not self._enabled:
             return
         now = time.monotonic()

@@ -53,7 +53,7 @@ from batcher.pipeline import (
 )
 from batcher.preflight import Prepared, prepare
 from batcher.pricing import NoPrice, Price
-from batcher.progress import INPUT_ERROR_CLASS, Progress, RunStats
+from batcher.progress import Progress, RunStats
 from batcher.records import SOURCE_REUSED, SOURCE_SENT, SOURCE_SHARED, SOURCES, RowResult
 from batcher.retry import FailureStreak
 from batcher.tally import Tally
@@ -305,7 +305,7 @@ class Run:
                 request = row_request(row, self.job, self._renderer)
                 if isinstance(request, RowResult):
                     # The input's fault: reported, never stored (see batcher.finish).
-                    self._progress.update(row.position, request, INPUT_ERROR_CLASS)
+                    self._progress.update(row.position, request)
                     continue
                 if self._shared is not None:
                     state = self._shared.arrive(row)
@@ -343,10 +343,9 @@ class Run:
         place = self._checkpoint.append(
             [(request.key, request.position), *((row.key, row.position) for row in waiting)],
             result)
-        error_class = failure.signature if failure else None
-        self._progress.update(request.position, result, error_class)
+        self._progress.update(request.position, result)
         for row in waiting:
-            self._progress.update(row.position, result, error_class, shared=True)
+            self._progress.update(row.position, result, shared=True)
         if self._shared is not None:
             self._shared.stored(request.request_hash, place)
 
