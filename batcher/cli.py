@@ -19,13 +19,14 @@ import click
 import orjson
 
 from batcher import __version__, jobs
-from batcher.errors import BatcherError
+from batcher.config import Job
+from batcher.errors import BatcherError, ConfigError
 from batcher.inputs import return_freed_memory
 from batcher.jobload import load_job
 from batcher.jobs import SIMULATED_NOTICE
 from batcher.mock_server import MockConfig, serve_forever
 from batcher.redact import printable
-from batcher.runner import RunOptions
+from batcher.runner import RunOptions, RunReport
 from batcher.summary import SCHEMA_VERSION, summarize_run
 
 T = TypeVar("T")
@@ -78,8 +79,16 @@ def main() -> None:
                    "they are submitted.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the run's summary as JSON on stdout (README: Run summary).")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Run on Ray (pip install 'batcher[ray]'): a local Ray, or the cluster at "
+                   "RAY_ADDRESS / --ray-address. input.path may be a folder, a glob or a URI; "
+                   "the results are a folder of Parquet files.")
+@click.option("--ray-address", metavar="ADDRESS", help="With --ray: the cluster to join.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --ray: how many workers send requests.")
 def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
-        quiet: bool, wait: bool, as_json: bool) -> None:
+        quiet: bool, wait: bool, as_json: bool, on_ray: bool, ray_address: str | None,
+        workers: int) -> None:
     """Run JOB.yaml to the end; run it again to resume after a crash or Ctrl-C.
 
     With `mode: batch` the rows go to the provider's Batch API (half price,
@@ -92,6 +101,9 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
     the budget (limits.max_cost_usd, limits.max_total_tokens); 130/143
     interrupted by SIGINT/SIGTERM.
     """
+    if on_ray or ray_address:
+        _run_on_ray(job_file, fresh, quiet, as_json, limit, estimate_only, ray_address, workers)
+        return
     return_freed_memory()  # this process is the run's own: keep its peak down
     job = _report_errors(lambda: load_job(job_file), as_json=as_json)
     if estimate_only:
@@ -124,6 +136,36 @@ def run(job_file: Path, fresh: bool, limit: int | None, estimate_only: bool,
     elif job.output is not None and report.results_path != job.output.path:
         state += f", a sample of the first {limit} rows; {job.output.path} is left as it was"
     _say(f"results: {report.results_path} ({report.rows} rows, {state})")
+    sys.exit(report.exit_code)
+
+
+def _run_on_ray(job_file: Path, fresh: bool, quiet: bool, as_json: bool, limit: int | None,
+                estimate_only: bool, address: str | None, workers: int) -> None:
+    """``run --ray``: the job on a Ray cluster (``batcher.raydata``)."""
+
+    def start() -> tuple[Job, RunReport]:
+        if limit is not None or estimate_only:
+            raise ConfigError(f"--ray: {'--limit' if limit is not None else '--dry-run'} is "
+                              "not available on Ray; run without --ray to try a sample")
+        try:
+            from batcher import raydata  # Ray is an optional extra: imported only here
+        except ImportError:
+            raise ConfigError("--ray: Ray is not installed; pip install 'batcher[ray]'"
+                              ) from None
+        return raydata.run_job_on_ray(job_file, fresh=fresh, progress=not quiet,
+                                      options=raydata.RayOptions(workers, address=address))
+
+    started = time.monotonic()
+    job, report = _report_errors(start, as_json=as_json)
+    summary = summarize_run(job, report, time.monotonic() - started)
+    for line in summary.lines():
+        _say(f"batcher: {line}", err=True)
+    if as_json:
+        _echo_json(summary.to_json())
+    else:
+        state = "complete" if not report.failed_rows else (
+            f"{report.failed_rows} row{'s' if report.failed_rows != 1 else ''} failed")
+        _say(f"results: {report.results_path}/ ({report.rows} rows, {state})")
     sys.exit(report.exit_code)
 
 

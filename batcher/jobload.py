@@ -30,6 +30,13 @@ _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|Bearer\s+\S{16,})")
 
 def load_job(path: Path, *, require_output: bool = True) -> Job:
     """Read, check and resolve a job file. Raises ``ConfigError`` naming the key."""
+    return job_from_dict(read_job_file(path), base_dir=path.parent, source=str(path),
+                         require_output=require_output)
+
+
+def read_job_file(path: Path) -> dict[str, Any]:
+    """A job file's keys as plain data, not yet checked (``name`` defaults to the
+    file's stem). Raises ``ConfigError`` when it is no YAML mapping."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -52,8 +59,7 @@ def load_job(path: Path, *, require_output: bool = True) -> Job:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of keys (name, input, prompt, ...)")
     data.setdefault("name", path.stem)
-    return job_from_dict(data, base_dir=path.parent, source=str(path),
-                         require_output=require_output)
+    return data
 
 
 def job_from_dict(data: dict[str, Any], *, base_dir: Path, source: str,

@@ -38,7 +38,7 @@ from batcher.config import Job
 from batcher.errors import ApiError, RunAborted, Verdict
 from batcher.inputs import id_strings
 from batcher.keys import RowKeys
-from batcher.limits import OutputEstimate, RateLimiter, Sleep
+from batcher.limits import OutputEstimate, Reservation, Sleep
 from batcher.pricing import Price, Usage
 from batcher.progress import INPUT_ERROR_CLASS, RunStats
 from batcher.prompts import PromptRenderer
@@ -47,6 +47,7 @@ from batcher.retry import RetryPolicy
 from batcher.structured import ReplyProblem, ReplySchema
 from batcher.wire import (
     Completion,
+    ServerLimits,
     classify_error,
     parse_completion,
     parse_rate_limits,
@@ -65,6 +66,20 @@ class Sender(Protocol):
     """
 
     async def send(self, body: bytes) -> Response: ...
+
+
+class Limiter(Protocol):
+    """What the pipeline needs of a rate limiter (``batcher.limits.RateLimiter`` on one
+    machine; a worker's share of a cluster's limit in ``batcher.leases``)."""
+
+    async def acquire(self, tokens: int) -> Reservation: ...
+
+    def settle(self, reservation: Reservation, used_tokens: int | None) -> None: ...
+
+    def observe(self, limits: ServerLimits, next_tokens: int,
+                sent: Reservation | None = None) -> None: ...
+
+    def on_rate_limited(self, retry_after_s: float | None = None) -> None: ...
 
 
 class Rejection(Protocol):
@@ -241,7 +256,7 @@ class Sending:
     """
 
     sender: Sender
-    limiter: RateLimiter
+    limiter: Limiter
     policy: RetryPolicy
     stats: RunStats
     sleep: Sleep
@@ -256,7 +271,7 @@ class Sending:
     invalid_reply_retries: int = 0
 
     @classmethod
-    def for_job(cls, job: Job, sender: Sender, limiter: RateLimiter, stats: RunStats,
+    def for_job(cls, job: Job, sender: Sender, limiter: Limiter, stats: RunStats,
                 sleep: Sleep, rng: random.Random, **extra: Any) -> Sending:
         """The parts that follow from the job's retry settings, params and schema."""
         policy = RetryPolicy(job.retry.max_attempts, job.retry.base_delay_s,

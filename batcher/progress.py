@@ -163,6 +163,19 @@ class Progress:
             self._last_log = now
             self._log(self._log_line())
 
+    def refresh(self) -> None:
+        """Show the stats as they are now, when rows are counted elsewhere (by the
+        workers of a cluster) rather than through :meth:`update`."""
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if self._bar is not None:
+            self._bar.n = self._stats.finished
+            self._bar.set_postfix_str(self._postfix(), refresh=True)
+        elif self._stats.finished and now - self._last_log >= self._log_every_s:
+            self._last_log = now
+            self._log(self._log_line())
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=True)

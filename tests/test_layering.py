@@ -38,12 +38,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "jobload", "wire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
     ("inputs", "outputs", "checkpoint", "prompts", "retry", "limits", "client", "endpoints",
-     "progress", "batchfile", "batchstate", "tokens", "keys", "schema_columns", "charts"),
+     "progress", "batchfile", "batchstate", "tokens", "keys", "schema_columns", "charts",
+     "leases", "answers"),
     # the row pipeline and the runs around it (online, batch): checks before, the results write
     ("pipeline", "preflight", "finish", "runner", "batchmode"),
     # a validated job run end to end, its summary, status and report: what the CLI and the
     # API share
-    ("jobs", "summary", "status", "reporting"),
+    ("jobs", "summary", "status", "reporting", "raydata"),
     # the Python API (the package: calls, frames, job files, results, the sync bridge)
     ("api",),
     # the command line
@@ -53,7 +54,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: Which modules may import each third-party library (by top-level import name).
 #: ``None``: any module may.
 OWNERS: dict[str, tuple[str, ...] | None] = {
-    "pyarrow": ("inputs", "outputs", "schema_columns"),
+    "pyarrow": ("inputs", "outputs", "schema_columns", "raydata"),  # raydata: Ray hands its
+    # workers Arrow tables
+    "ray": ("raydata",),  # optional (the ray extra), imported only by run --ray
     "pandas": ("inputs", "outputs", "api.frames", "api.results", "reporting"),
     "numpy": None,  # compact per-row arrays wherever rows are counted or keyed
     "matplotlib": ("charts",),
