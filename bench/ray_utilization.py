@@ -28,20 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (
-    BatcherProcess,
-    BenchError,
-    MockProcess,
-    bench_main,
-    by_status,
-    job_dict,
-    make_parquet_input,
-    print_table,
-    print_targets,
-    small_flag,
-    summary_line,
-    write_job,
-)
+from harness import BenchError
+from harness.jobs import job_dict, make_parquet_input, write_job
+from harness.mock import MockProcess, by_status
+from harness.processes import BatcherProcess, summary_line
+from harness.report import bench_main, print_table, print_targets, small_flag
 
 RPM = 6000
 LATENCY_S = 0.05
