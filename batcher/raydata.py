@@ -258,7 +258,7 @@ class RowsWorker:
         self._limiter.count({"ok" if result.ok else "errors": 1,
                              "prompt_tokens": result.prompt_tokens or 0,
                              "completion_tokens": result.completion_tokens or 0,
-                             "cost_micro_usd": round((result.cost_usd or 0.0) * 1e6)})
+                             "cost_nano_usd": round((result.cost_usd or 0.0) * 1e9)})
 
     async def _report(self) -> None:
         stats = self._stats
@@ -613,7 +613,7 @@ def _drive(ray_job: RayJob, base_url: str | None, folder: Path, options: RayOpti
 def _show(counts: Mapping[str, int], stats: RunStats, display: Progress) -> None:
     counted = Counter(counts)
     stats.reused = counted["reused"]
-    stats.cost_usd = counted["cost_micro_usd"] / 1e6
+    stats.cost_usd = counted["cost_nano_usd"] / 1e9
     stats.ok, stats.errors = counted["ok"], counted["errors"]
     stats.requests, stats.rate_limited = counted["requests"], counted["rate_limited"]
     stats.prompt_tokens = counted["prompt_tokens"]
