@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 
 from batcher.checkpoint import Checkpoint
-from batcher.inputs import typed_columns
+from batcher.inputscan import typed_columns
 from batcher.keys import request_identity
 from batcher.outputs import NO_OUTCOME, ResultLayout, write_results
 from batcher.pipeline import batch_keys

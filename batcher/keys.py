@@ -26,7 +26,7 @@ import numpy as np
 import orjson
 
 from batcher.config import Job
-from batcher.inputs import hash_strings
+from batcher.inputscan import hash_strings
 from batcher.prompts import Prompts
 
 KEY_VERSION = 1

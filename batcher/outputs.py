@@ -132,7 +132,7 @@ class _CsvWriter:
         self._csv.writerow(schema.names)
         self._nested = [pa.types.is_nested(field.type) for field in schema]
         # Floats as Arrow writes them ("2", not Python's "2.0"): a typed CSV input column
-        # comes back as the very text it was read from (see batcher.inputs.CsvColumnTypes).
+        # comes back as the very text it was read from (see batcher.inputscan.CsvColumnTypes).
         self._floats = [pa.types.is_floating(field.type) for field in schema]
 
     def write(self, batch: pa.RecordBatch) -> None:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from batcher.checkpoint import Checkpoint
 from batcher.config import Job
 from batcher.errors import ConfigError, DataError
-from batcher.inputs import InputReader, scan_input
+from batcher.inputs import InputReader
+from batcher.inputscan import scan_input
 from batcher.pipeline import BatchPlan, plan_batches
 from batcher.pricing import NoPrice, Price, resolve_price
 from batcher.prompts import PromptRenderer

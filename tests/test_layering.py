@@ -37,9 +37,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the job's validated settings, loading them, and the wire format
     ("config", "jobload", "wire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
-    ("inputs", "outputs", "checkpoint", "prompts", "retry", "limits", "client", "endpoints",
-     "progress", "batchfile", "batchstate", "tokens", "keys", "schema_columns", "charts",
-     "leases", "answers"),
+    ("inputs", "inputscan", "outputs", "checkpoint", "prompts", "retry", "limits", "client",
+     "endpoints", "progress", "batchfile", "batchstate", "tokens", "keys", "schema_columns",
+     "charts", "leases", "answers"),
     # the row pipeline and the runs around it (online, batch): checks before, the results write
     ("pipeline", "preflight", "finish", "runner", "batchmode"),
     # a validated job run end to end, its summary, status and report: what the CLI and the
@@ -54,10 +54,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: Which modules may import each third-party library (by top-level import name).
 #: ``None``: any module may.
 OWNERS: dict[str, tuple[str, ...] | None] = {
-    "pyarrow": ("inputs", "outputs", "schema_columns", "raydata"),  # raydata: Ray hands its
-    # workers Arrow tables
+    "pyarrow": ("inputs", "inputscan", "outputs", "schema_columns", "raydata"),  # raydata: Ray
+    # hands its workers Arrow tables
     "ray": ("raydata",),  # optional (the ray extra), imported only by run --ray
-    "pandas": ("inputs", "outputs", "api.frames", "api.results", "reporting"),
+    "pandas": ("inputscan", "outputs", "api.frames", "api.results", "reporting"),
     "numpy": None,  # compact per-row arrays wherever rows are counted or keyed
     "matplotlib": ("charts",),
     "genai_prices": ("pricing",),
