@@ -16,6 +16,11 @@ later is answered from here again. ``fresh`` discards everything.
 
 A lock file held with ``flock`` stops a second run of the same job; the
 kernel drops it when its process dies, so a crash never leaves it stuck.
+The index is ``batcher.keyindex``'s; reading beside a run, without the lock,
+is ``batcher.journal``'s.
+
+Longer than most modules because the file's format (header, line layout,
+torn-line repair, the lock) is kept in one place with the code that writes it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import contextlib
 import fcntl
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +37,13 @@ import numpy as np
 import orjson
 
 from batcher.errors import CheckpointError, OutputError, fresh_option
-from batcher.keys import KEY_BYTES, split
+from batcher.keyindex import KeyIndex
+from batcher.keys import KEY_BYTES
 from batcher.records import RESULT_FIELDS, STATUS_OK, RowResult
 from batcher.safefiles import make_private, open_private
 
 FORMAT_VERSION = 2
-_READ_CHUNK = 4 << 20
+READ_CHUNK = 4 << 20
 _NEWLINE = 10
 _HEADER_PREFIX = b'{"batcher_checkpoint":'
 _LINE_HEAD = re.compile(rb'\{"k":"[0-9a-f]{32}","status":"(ok|error)",')
@@ -59,7 +65,7 @@ class Checkpoint:
         self.path = path
         self._lock_fd = _acquire_lock(path)
         try:
-            self._index = _KeyIndex()
+            self._index = KeyIndex()
             self._fd = self._open(fresh)
             self._opened_size = os.lseek(self._fd, 0, os.SEEK_END)
         except BaseException:
@@ -107,7 +113,7 @@ class Checkpoint:
         starts = offsets[present]
         ends = starts + lengths[present]
         low, high = int(starts.min()), int(ends.max())
-        if high - low <= 4 * int(lengths[present].sum()) + _READ_CHUNK:
+        if high - low <= 4 * int(lengths[present].sum()) + READ_CHUNK:
             span = memoryview(os.pread(self._fd, high - low, low))
             for row, begin, end in zip(present.tolist(), (starts - low).tolist(),
                                        (ends - low).tolist(), strict=True):
@@ -185,7 +191,7 @@ class Checkpoint:
             if _holds_no_rows(fd):
                 self._write_header(fd)
             elif fresh:  # start over, but only ever over a checkpoint, never a data file
-                _read_header(fd, self.path)
+                read_header(fd, self.path)
                 self._write_header(fd)
             else:
                 self._load(fd)
@@ -208,11 +214,11 @@ class Checkpoint:
             raise OutputError(f"{self.path}: cannot write the checkpoint (disk full?)")
 
     def _load(self, fd: int) -> None:
-        header_line, header = _read_header(fd, self.path)
-        _check_version(header, self.path)
+        header_line, header = read_header(fd, self.path)
+        check_version(header, self.path)
         offset = len(header_line) + 1
         pending = b""
-        while chunk := os.pread(fd, _READ_CHUNK, offset + len(pending)):
+        while chunk := os.pread(fd, READ_CHUNK, offset + len(pending)):
             data = pending + chunk
             end = data.rfind(b"\n") + 1
             if end:
@@ -260,149 +266,6 @@ class Checkpoint:
                               f"(run with {fresh_option()} to start over)")
 
 
-class _KeyIndex:
-    """Where each key's latest line is, and whether it was ``ok``.
-
-    The keys found on open are *sealed* into sorted numpy arrays (two
-    ``uint64`` halves, an offset, a length, a flag: 29 bytes a key) searched
-    with ``searchsorted``; keys appended by this run collect in growable
-    arrays beside them and are merged in only when the results are read,
-    so deciding what to send sees the store as it was opened.
-    """
-
-    def __init__(self) -> None:
-        self._sealed = _Table.empty()
-        self._opened = self._sealed  # the store as it was on open
-        self._added: list[_Table] = []
-        self._buffer: list[tuple[bytes, int, int, bool]] = []
-
-    def size(self) -> int:
-        return len(self._sealed) + sum(len(table) for table in self._added) + len(self._buffer)
-
-    def add(self, key: bytes, offset: int, length: int, ok: bool) -> None:
-        self._buffer.append((key, offset, length, ok))
-        if len(self._buffer) >= 65536:
-            self._flush_buffer()
-
-    def add_many(self, keys: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
-                 ok: np.ndarray) -> None:
-        high, low = split(keys)
-        self._added.append(_Table(high, low, offsets.astype(np.int64),
-                                  lengths.astype(np.int32), ok.astype(bool)))
-
-    def seal(self) -> None:
-        """Merge everything added into the sorted arrays (latest line per key wins)."""
-        self._flush_buffer()
-        if self._added:
-            self._sealed = _Table.merged([self._sealed, *self._added])
-            self._added = []
-
-    def find(self, keys: np.ndarray, *, opened: bool = False) -> np.ndarray:
-        """The place of each key in the table searched, or -1."""
-        if not opened:
-            self.seal()
-        table = self._opened if opened else self._sealed
-        return table.find(keys)
-
-    def ok_at(self, places: np.ndarray, *, opened: bool = False) -> np.ndarray:
-        table = self._opened if opened else self._sealed
-        return table.ok[np.maximum(places, 0)] if len(table) else np.zeros(len(places), bool)
-
-    def lines(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Offsets and lengths of each key's latest line (length 0: none)."""
-        places = self.find(keys)
-        hit = places >= 0
-        table = self._sealed
-        offsets = np.zeros(len(keys), dtype=np.int64)
-        lengths = np.zeros(len(keys), dtype=np.int64)
-        offsets[hit] = table.offsets[places[hit]]
-        lengths[hit] = table.lengths[places[hit]]
-        return offsets, lengths
-
-    def _flush_buffer(self) -> None:
-        if not self._buffer:
-            return
-        keys, offsets, lengths, ok = zip(*self._buffer, strict=True)
-        self._buffer = []
-        key_bytes = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
-        self.add_many(key_bytes, np.asarray(offsets), np.asarray(lengths), np.asarray(ok))
-
-    def seal_opened(self) -> None:
-        """Seal what was found on open: the store ``answered`` asks about."""
-        self.seal()
-        self._opened = self._sealed
-
-
-class _Table:
-    """Keys sorted by their two halves, with where their lines are."""
-
-    def __init__(self, high: np.ndarray, low: np.ndarray, offsets: np.ndarray,
-                 lengths: np.ndarray, ok: np.ndarray) -> None:
-        self.high, self.low, self.offsets, self.lengths, self.ok = high, low, offsets, lengths, ok
-
-    @classmethod
-    def empty(cls) -> _Table:
-        return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int64),
-                   np.zeros(0, np.int32), np.zeros(0, bool))
-
-    @classmethod
-    def merged(cls, tables: list[_Table]) -> _Table:
-        """One sorted table of ``tables``' keys, each key's latest line kept.
-
-        Built a column at a time (concatenate, reorder, drop the unordered
-        copy), so a million keys need about one extra table's memory, not
-        four.
-        """
-        high = np.concatenate([table.high for table in tables])
-        order = np.argsort(high)
-        high = high[order]
-        low = np.concatenate([table.low for table in tables])[order]
-        offsets = np.concatenate([table.offsets for table in tables])[order]
-        lengths = np.concatenate([table.lengths for table in tables])[order]
-        ok = np.concatenate([table.ok for table in tables])[order]
-        del order
-        ties = np.flatnonzero(high[1:] == high[:-1])
-        if ties.size:
-            # Keys stored more than once (an error, then a retry): order each run of
-            # equal first halves by the second half, then by offset, in place.
-            runs = np.union1d(ties, ties + 1)
-            within = np.lexsort((offsets[runs], low[runs], high[runs]))
-            for column in (high, low, offsets, lengths, ok):
-                column[runs] = column[runs][within]
-            # A key stored twice keeps its latest line: the last of its run.
-            last = np.ones(len(high), dtype=bool)
-            last[:-1] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
-            if not last.all():
-                return cls(high[last], low[last], offsets[last], lengths[last], ok[last])
-        return cls(high, low, offsets, lengths, ok)
-
-    def __len__(self) -> int:
-        return len(self.high)
-
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        high, low = split(keys)
-        places = np.full(len(high), -1, dtype=np.int64)
-        if not len(self) or not len(high):
-            return places
-        # Searching in sorted order keeps the binary searches close together.
-        order = np.argsort(high)
-        first = np.empty(len(high), dtype=np.int64)
-        first[order] = np.searchsorted(self.high, high[order])
-        at = np.minimum(first, len(self) - 1)
-        same_high = self.high[at] == high
-        hit = same_high & (self.low[at] == low)
-        places[hit] = at[hit]
-        # Two keys whose first halves agree (about once in 2**64): look along the run.
-        for row in np.flatnonzero(same_high & ~hit).tolist():
-            place = int(first[row])
-            while place < len(self) and self.high[place] == high[row]:
-                if self.low[place] == low[row]:
-                    places[row] = place
-                    break
-                place += 1
-        return places
-
-
 def verify_checkpoint(path: Path, fresh: bool = False) -> None:
     """Without locking or changing anything (for ``validate`` and ``--dry-run``): an
     existing file at ``path`` is a batcher checkpoint this version reads (with
@@ -417,14 +280,14 @@ def verify_checkpoint(path: Path, fresh: bool = False) -> None:
     try:
         if _holds_no_rows(fd):
             return
-        _line, header = _read_header(fd, path)
+        _line, header = read_header(fd, path)
         if not fresh:
-            _check_version(header, path)
+            check_version(header, path)
     finally:
         os.close(fd)
 
 
-def _read_header(fd: int, path: Path) -> tuple[bytes, dict[str, Any]]:
+def read_header(fd: int, path: Path) -> tuple[bytes, dict[str, Any]]:
     """The first line and its header; a file that is no checkpoint is never touched."""
     line = _read_first_line(fd, _MAX_HEADER)
     header: Any = None
@@ -439,7 +302,7 @@ def _read_header(fd: int, path: Path) -> tuple[bytes, dict[str, Any]]:
     return line, header
 
 
-def _check_version(header: dict[str, Any], path: Path) -> None:
+def check_version(header: dict[str, Any], path: Path) -> None:
     version = header["batcher_checkpoint"]
     if version < FORMAT_VERSION:
         raise CheckpointError(
@@ -489,62 +352,3 @@ def _acquire_lock(path: Path) -> int:
             f"{path}: another batcher run of this job is in progress (lock {lock_path.name} "
             "is held); wait for it to finish") from None
     return fd
-
-
-# -- reading from another process ---------------------------------------------------------------
-
-
-def read_journal(path: Path) -> Iterator[dict[str, Any]]:
-    """The answers stored in a checkpoint, in the order written, for a reader
-    beside a run that may still be appending (``batcher status``, a budget).
-
-    The file is opened read-only and no lock is taken, so the run is not
-    disturbed; a last line still being written (or torn by a kill) is left
-    out. Raises ``CheckpointError`` when the file is not a checkpoint this
-    version reads.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no checkpoint yet (the job has not run)") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from None
-    try:
-        header_line, header = _read_header(fd, path)
-        _check_version(header, path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return _records(path, fd, len(header_line) + 1)
-
-
-def _records(path: Path, fd: int, offset: int) -> Iterator[dict[str, Any]]:
-    try:
-        pending = b""
-        while chunk := os.pread(fd, _READ_CHUNK, offset):
-            offset += len(chunk)
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()  # no newline yet: still being written, or torn
-            for line in lines:
-                try:
-                    yield orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    raise CheckpointError(f"{path}: corrupt line near byte "
-                                          f"{offset - len(pending)}") from None
-    finally:
-        os.close(fd)
-
-
-def run_in_progress(path: Path) -> bool | None:
-    """Whether a run holds this checkpoint's lock, read from ``/proc/locks``
-    without touching the lock (None where that file does not exist)."""
-    try:
-        info = lock_path_for(path).stat()
-        table = Path("/proc/locks").read_text(encoding="ascii")
-    except FileNotFoundError:
-        return False if Path("/proc/locks").exists() else None
-    except OSError:
-        return None
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    return any(fields[1] == "FLOCK" and fields[5] == device
-               for fields in (line.split() for line in table.splitlines()) if len(fields) > 5)

@@ -33,10 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from batcher.budget import Budget
-from batcher.checkpoint import Checkpoint, read_journal
+from batcher.checkpoint import Checkpoint
 from batcher.config import Job
 from batcher.errors import ApiError, BatcherError, BudgetReached, Interrupted, RunAborted
 from batcher.finish import write_results_file
+from batcher.journal import read_journal
 from batcher.keys import KEY_BYTES
 from batcher.limits import Clock, RateLimiter, Sleep
 from batcher.pipeline import (

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from batcher.checkpoint import read_journal, run_in_progress
 from batcher.config import Job
+from batcher.journal import read_journal, run_in_progress
 from batcher.keys import KEY_BYTES, split
 from batcher.pipeline import batch_keys
 from batcher.preflight import Prepared
