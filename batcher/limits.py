@@ -15,6 +15,10 @@ estimate, and its clock cannot be injected. A reservation-based pacer
 does all four in a few lines, without polling: each caller books its start
 time once it is near (so a pace that changes meanwhile applies to it) and
 sleeps exactly until then.
+
+Longer than most modules because the pacers, the reservations they hand out
+and what the server's headers say (another client on the key included:
+:class:`Share`) act on one budget and are tuned together.
 """
 
 from __future__ import annotations

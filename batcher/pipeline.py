@@ -19,6 +19,9 @@ These are plain functions over narrow parts (a sender, a limiter, a policy,
 a clock), so the CLI's runner, other run modes and tests use them alike. A
 test drives them with :class:`FunctionSender`, a plain function from
 request to response, in the way of httpx's ``MockTransport``.
+
+Longer than most modules on purpose: the whole path of a row reads top to
+bottom in one place; each step is a small function or class of its own.
 """
 
 from __future__ import annotations

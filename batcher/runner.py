@@ -16,6 +16,11 @@ The order is what makes the guarantees hold:
 A stop request (Ctrl-C, SIGTERM) lets in-flight requests finish for a short
 grace period, then cancels them; rows not journaled are simply sent again
 by the next run.
+
+Longer than most modules because every way a run stops (a signal, the
+budget, a verdict that aborts the run, a worker's exception) acts on the same
+queue, workers and journal, and reads best beside the dispatch it stops; the
+path of one row is ``batcher.pipeline``'s.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the shapes real servers send: OpenAI's four-key error, Azure's string code
 and null type, vLLM's ``{"error": "Unauthorized"}`` and numeric codes,
 llama.cpp's ``{"detail": ...}``, and HTML pages from proxies.
 
-A little over 300 lines, kept whole: requests, replies, errors and rate-limit
+Longer than most modules, kept whole: requests, replies, errors and rate-limit
 headers are one format, read together when a provider changes it.
 """
 

@@ -20,6 +20,10 @@ at an even pace, each request it cannot fit being dropped.
 The limiter is a plain object driven by an explicit ``now``, so its arithmetic
 is tested without sleeping. It runs on the server's event loop only and needs
 no lock.
+
+Longer than most modules because the sliding and fixed windows, the header
+dialects and another client on the key are one limiter: the one batcher's
+pacing is measured against.
 """
 
 from __future__ import annotations
