@@ -37,6 +37,9 @@ worker joining) takes effect within one lease rather than at once. Leases
 of a worker that stopped asking stay counted in the shares for one lease
 more, so a share can only grow once the old lease is spent: the sum of the
 workers' paces never exceeds the global one.
+
+Longer than most modules because the cluster's limit and a worker's limiter
+are the two ends of one lease protocol, read together.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ this module, so ``import batcher`` never loads Ray.
 
 Not on Ray (yet): ``limits.max_cost_usd``/``max_total_tokens``, ``mode: batch``,
 ``--limit`` and ``--dry-run``; the summary has no per-class failure lines.
+
+Longer than most modules because everything that touches Ray (the workers,
+the limit's actor, the driver) lives here, so nothing else in batcher imports
+it; what Ray does not need is in ``batcher.leases`` and ``batcher.answers``.
 """
 
 from __future__ import annotations
