@@ -46,6 +46,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -591,13 +592,16 @@ def _drive(ray_job: RayJob, base_url: str | None, folder: Path, options: RayOpti
     writer = threading.Thread(target=write, name="batcher-ray-write", daemon=True)
     writer.start()
     try:
-        while writer.is_alive():
-            writer.join(POLL_S)
-            _show(ray.get(limit.state.remote())[0], stats, display)
-    except KeyboardInterrupt:
+        with _sigterm_as_interrupt():
+            while writer.is_alive():
+                writer.join(POLL_S)
+                _show(ray.get(limit.state.remote())[0], stats, display)
+    except KeyboardInterrupt as stop:
         display.close()
-        raise Interrupted("stopped by SIGINT; the finished rows are journaled in "
-                          f"{folder}; run the same command again to resume") from None
+        signum = stop.args[0] if stop.args else signal.SIGINT
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; the finished rows are "
+                          f"journaled in {folder}; run the same command again to resume",
+                          exit_code=128 + int(signum)) from None
     counts, abort, failure = cast(State, ray.get(limit.state.remote()))
     _show(counts, stats, display)
     display.close()
@@ -612,6 +616,23 @@ def _drive(ray_job: RayJob, base_url: str | None, folder: Path, options: RayOpti
         raise OutputError(f"the run on Ray failed: {_one_line(failures[0])}")
     _replace(staging, target)
     return RunReport(stats, total, stats.errors, target, price=_price(job))
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the driver as Ctrl-C does (exit 143), where a handler can be set."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _show(counts: Mapping[str, int], stats: RunStats, display: Progress) -> None:

@@ -292,3 +292,34 @@ def test_a_killed_driver_resends_at_most_what_was_in_flight(ray_session: None, t
     assert sum(after.values()) - sum(before.values()) <= rows - done_before + len(resent)
     assert len(results_of(output)) == rows
     assert (results_of(output)["status"] == "ok").all()
+
+
+def test_sigterm_stops_the_driver_with_exit_143_and_the_rows_kept(tmp_path: Path,
+                                                                   make_mock: MakeMock) -> None:
+    server = make_mock(api_key=TEST_KEY, latency_s=0.2, requests_per_minute=1200)
+    rows = 400
+    job = write_job(tmp_path / "job.yaml", job_dict(
+        server.base_url, parquet_input(tmp_path, rows), tmp_path / "out" / "results.parquet",
+        limits={"concurrency": CONCURRENCY, "requests_per_minute": 1200}))
+    folder = journal_folder_of(job)
+    marker = tempfile.mkdtemp(prefix="bray", dir="/tmp")  # Ray's socket paths must be short
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batcher", "run", str(job), "--ray", "-q"],
+        env=cli_env({"RAY_TMPDIR": marker}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+    def journaled() -> int:
+        return sum(path.read_bytes().count(b"\n") for path in folder.glob(JOURNAL_GLOB))
+
+    try:
+        wait_until(lambda: journaled() >= 20, process, timeout=180, what="20 rows journaled")
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        shutil.rmtree(marker, ignore_errors=True)
+    assert process.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "run the same command again" in err
+    assert 20 <= journaled() < rows
+    assert not (tmp_path / "out" / "results.parquet").exists()
