@@ -93,7 +93,7 @@ from batcher.records import (
     RowResult,
 )
 from batcher.retry import FailureStreak
-from batcher.runner import RunReport
+from batcher.runner import RunReport, first_cause
 
 __all__ = ["RayOptions", "run_dataset", "run_job_on_ray"]
 
@@ -236,7 +236,7 @@ class RowsWorker:
                 for request in pending:
                     group.create_task(answer(request))
         except BaseExceptionGroup as group:
-            raise _first_batcher_error(group) from None
+            raise first_cause(group) from None
         await self._report()
         columns = list(batch.columns) + [
             pa.array([(record or {}).get(field.name) for record in records], type=field.type)
@@ -270,20 +270,6 @@ class RowsWorker:
         self._limiter.count({"requests": stats.requests, "rate_limited": stats.rate_limited})
         stats.requests = stats.rate_limited = 0
         await self._limit.report.remote(self._limiter.take_feedback())
-
-
-def _first_batcher_error(group: BaseExceptionGroup) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        else:
-            leaves.append(error)
-
-    collect(group)
-    return next((leaf for leaf in leaves if isinstance(leaf, BatcherError)), leaves[0])
 
 
 # -- a Dataset in, a Dataset out ----------------------------------------------------------------

@@ -291,7 +291,7 @@ class Run:
                     group.create_task(self._work(queue, sending))
         except BaseExceptionGroup as group:
             # One worker's abort cancels the rest; report the cause, not the cancellations.
-            raise _first_cause(group) from None
+            raise first_cause(group) from None
 
     async def _produce(self, queue: asyncio.Queue[RowRequest | None], workers: int) -> None:
         assert self._progress is not None
@@ -402,7 +402,7 @@ def signals_handled(stop: Callable[[int], None], *, enabled: bool = True) -> Ite
             loop.remove_signal_handler(signum)
 
 
-def _first_cause(group: BaseExceptionGroup) -> BaseException:
+def first_cause(group: BaseExceptionGroup) -> BaseException:
     """The exception that brought a task group down: a ``BatcherError`` if any."""
     leaves: list[BaseException] = []
 
