@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -114,18 +115,13 @@ class ChatClient:
         try:
             # No redirects: aiohttp drops only Authorization on a cross-host redirect,
             # so a key in api-key or X-Api-Key would follow it to another host.
-            async with self._session.post(self._endpoint.url, data=body, headers=self._headers,
-                                          proxy=self._endpoint.proxy,
-                                          allow_redirects=False) as response:
-                payload = await self._read_capped(response)
-                status = response.status
-                headers = {key.lower(): value for key, value in response.headers.items()}
-        except TimeoutError:
-            raise ApiError(Verdict.RETRY, f"request timed out after {self._endpoint.timeout_s:g} s"
-                           ) from None
-        except aiohttp.ClientError as exc:
-            reason = one_line(self._redactor.clean(str(exc) or exc.__class__.__name__))
-            raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
+            with _transport_errors("request", self._endpoint.timeout_s, self._redactor):
+                async with self._session.post(self._endpoint.url, data=body,
+                                              headers=self._headers, proxy=self._endpoint.proxy,
+                                              allow_redirects=False) as response:
+                    payload = await self._read_capped(response)
+                    status = response.status
+                    headers = {key.lower(): value for key, value in response.headers.items()}
         except ValueError as exc:  # yarl/aiohttp reject the URL or a proxy URL from the env
             reason = one_line(self._redactor.clean(str(exc)))
             raise ConfigError(f"cannot build the request (check endpoint.base_url and the "
@@ -223,8 +219,8 @@ class BatchClient:
         timeout = (aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
                    if transfer else aiohttp.ClientTimeout(total=timeout_s))
         url = client.endpoint.resource(path, **(params or {}))
-        try:
-            # The key's headers per request, never as session defaults (see ChatClient).
+        # The key's headers per request, never as session defaults (see ChatClient).
+        with _transport_errors(f"{method} {path}", timeout_s, client.redactor):
             async with session.request(method, url, data=data,
                                        headers={**client.endpoint.headers, **(headers or {})},
                                        proxy=client.proxy, timeout=timeout,
@@ -237,12 +233,6 @@ class BatchClient:
                         sink.write(chunk)
                     return {}
                 payload = await response.read()
-        except TimeoutError:
-            raise ApiError(Verdict.RETRY, f"{method} {path} timed out after {timeout_s:g} s"
-                           ) from None
-        except aiohttp.ClientError as exc:
-            reason = one_line(client.redactor.clean(str(exc) or exc.__class__.__name__))
-            raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
         clean = client.redactor.clean
         if status != 200:
             raise classify_error(status, payload, response_headers, clean=clean)
@@ -254,6 +244,19 @@ class BatchClient:
             raise ApiError(Verdict.RETRY, clean(f"{method} {path}: HTTP 200 with a body that is "
                                                 "not a JSON object"), status=200)
         return parsed
+
+
+@contextlib.contextmanager
+def _transport_errors(what: str, timeout_s: float, redactor: Redactor) -> Iterator[None]:
+    """A timeout or a connection failure as a retryable ``ApiError`` whose reason
+    carries no secret (aiohttp's texts may quote the URL, a query key included)."""
+    try:
+        yield
+    except TimeoutError:
+        raise ApiError(Verdict.RETRY, f"{what} timed out after {timeout_s:g} s") from None
+    except aiohttp.ClientError as exc:
+        reason = one_line(redactor.clean(str(exc) or exc.__class__.__name__))
+        raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
 
 
 def proxy_for(url: str) -> str | None:
