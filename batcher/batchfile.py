@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -28,8 +28,11 @@ import orjson
 
 from batcher.errors import ApiError
 from batcher.records import STATUS_ERROR, STATUS_OK, RowResult
+from batcher.redact import mask_key_shapes
 from batcher.structured import ReplyProblem, ReplySchema
-from batcher.wire import classify_error, one_line, parse_completion
+from batcher.wire import classify_error, one_line, parse_completion, server_text
+
+Clean = Callable[[str], str]
 
 BATCH_URL = "/v1/chat/completions"
 UNFINISHED_CODES = frozenset({"batch_expired"})
@@ -173,11 +176,13 @@ class Reconciliation:
         return ", ".join(parts) or "no lines"
 
 
-def _error(kind: LineKind, reason: str) -> Outcome:
-    return Outcome(kind, RowResult.failed(one_line(f"batch: {reason}"), 1, f"batch {kind.value}"))
+def _error(kind: LineKind, reason: str, clean: Clean = mask_key_shapes) -> Outcome:
+    """A failed row; ``reason`` may quote the service, so it is masked and made one line."""
+    return Outcome(kind, RowResult.failed(server_text(f"batch: {reason}", clean), 1,
+                                          f"batch {kind.value}"))
 
 
-def _line_outcome(line: dict[str, Any], schema: ReplySchema | None) -> Outcome:
+def _line_outcome(line: dict[str, Any], schema: ReplySchema | None, clean: Clean) -> Outcome:
     error = line.get("error")
     response = line.get("response")
     if isinstance(error, dict) and error:
@@ -186,7 +191,8 @@ def _line_outcome(line: dict[str, Any], schema: ReplySchema | None) -> Outcome:
             return Outcome(LineKind.UNFINISHED, None)
         if code in CANCELLED_CODES:
             return _error(LineKind.CANCELLED, "the batch was cancelled before this request ran")
-        return _error(LineKind.LINE_ERROR, f"{code or 'error'}: {error.get('message') or ''}")
+        return _error(LineKind.LINE_ERROR,
+                      f"{code or 'error'}: {error.get('message') or ''}", clean)
     if not isinstance(response, dict):
         return _error(LineKind.LINE_ERROR, "a line with neither a response nor an error")
     status = response.get("status_code")
@@ -195,11 +201,12 @@ def _line_outcome(line: dict[str, Any], schema: ReplySchema | None) -> Outcome:
         if status == 0 or not isinstance(status, int):
             return _error(LineKind.HTTP_ERROR,
                           f"status_code {status!r}: the request got no HTTP answer")
-        return _error(LineKind.HTTP_ERROR, classify_error(status, body, {}).message)
+        return _error(LineKind.HTTP_ERROR, classify_error(status, body, {}, clean=clean).message,
+                      clean)
     try:
-        completion = parse_completion(body)
+        completion = parse_completion(body, clean=clean)
     except ApiError as problem:
-        return _error(LineKind.BAD_BODY, problem.message)
+        return _error(LineKind.BAD_BODY, problem.message, clean)
     choices = completion.choices
     chosen, rejected = 0, None
     if schema is not None:  # the same check as online; asking again is the fallback's job
@@ -220,18 +227,20 @@ def _line_outcome(line: dict[str, Any], schema: ReplySchema | None) -> Outcome:
 
 def reconcile(submitted: Sequence[str], lines: Iterable[bytes], status: str,
               validation_errors: Sequence[dict[str, Any]] = (), *,
-              schema: ReplySchema | None = None) -> Reconciliation:
+              schema: ReplySchema | None = None, clean: Clean = mask_key_shapes) -> Reconciliation:
     """Outcomes for ``submitted`` (in the input file's order) from a batch in a
     final ``status``, its output and error file ``lines``, and for a ``failed``
     batch its ``errors.data``; with the job's reply ``schema``, a completion
-    whose replies all fail it is a ``bad_reply`` error with the reply kept."""
+    whose replies all fail it is a ``bad_reply`` error with the reply kept.
+    ``clean`` (the run's redactor's) masks secrets in every error the service wrote,
+    exactly as online errors are masked."""
     result = Reconciliation()
     wanted = set(submitted)
     if status == "failed":
         by_line: dict[int, str] = {}
         general = "the input file failed validation"
         for problem in validation_errors:
-            message = one_line(str(problem.get("message") or problem.get("code") or ""))
+            message = server_text(problem.get("message") or problem.get("code") or "", clean)
             line = problem.get("line")
             if isinstance(line, int) and 1 <= line <= len(submitted):
                 by_line.setdefault(line, message)
@@ -240,7 +249,7 @@ def reconcile(submitted: Sequence[str], lines: Iterable[bytes], status: str,
         for number, custom_id in enumerate(submitted, start=1):
             reason = by_line.get(number, general)
             result.outcomes[custom_id] = _error(LineKind.INVALID,
-                                                f"failed validation: {reason}")
+                                                f"failed validation: {reason}", clean)
         return result
     for raw in lines:
         if not raw.strip():
@@ -256,7 +265,7 @@ def reconcile(submitted: Sequence[str], lines: Iterable[bytes], status: str,
         if line_id in result.outcomes:
             result.duplicates += 1
             continue
-        result.outcomes[line_id] = _line_outcome(line, schema)
+        result.outcomes[line_id] = _line_outcome(line, schema, clean)
     for custom_id in submitted:
         if custom_id in result.outcomes:
             continue

@@ -5,17 +5,21 @@ carry it (a server's error body, an exception, a URL with a query-string
 key) passes through ``Redactor.clean`` before it reaches a log line, an
 error message, the checkpoint or the results, and before any cut to length.
 
-A secret travels in more shapes than its own: percent-encoded in a URL
-(``quote`` and ``quote_plus``, either case of hex digit), base64 inside a
-Basic ``Authorization`` header, and a proxy's ``user:password`` both as
-written in ``HTTPS_PROXY`` and decoded. ``Redactor`` masks every one of them.
+A secret travels in more shapes than its own: percent-encoded in a URL, any
+character either way and in any mix (``quote``, ``quote_plus``, either case of
+hex digit, or the half-decoded form a URL library normalises a proxy's
+password to: ``Pr0xy+Pass%2Fw0rd``), base64 inside a Basic ``Authorization``
+header, and a proxy's ``user:password`` both as written in ``HTTPS_PROXY`` and
+decoded. ``Redactor`` masks every one of them, and anything shaped like an
+OpenAI key.
 """
 
 from __future__ import annotations
 
 import base64
 import re
-from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode, urlsplit, urlunsplit
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 # Query parameters that gateways use for keys; their values are masked in any URL shown.
@@ -34,13 +38,26 @@ _TERMINAL_CONTROLS = re.compile(
 
 
 def encodings(secret: str) -> set[str]:
-    """Every form ``secret`` can take in a URL, a header or an error text."""
-    forms = {secret, quote(secret, safe=""), quote(secret), quote_plus(secret),
-             quote_plus(secret, safe="/"), base64.b64encode(secret.encode()).decode()}
+    """The fixed forms of ``secret`` (as is, %-decoded, base64); each character of the
+    first two may also appear %-encoded, which :func:`_spelled_any_way` matches."""
+    forms = {secret, base64.b64encode(secret.encode()).decode()}
     decoded = unquote(secret)  # a proxy password is written %-encoded in HTTPS_PROXY
     if decoded != secret:
         forms |= encodings(decoded)
     return {form for form in forms if len(form) >= _MIN_SECRET}
+
+
+def _spelled_any_way(form: str) -> str:
+    """A pattern for ``form`` with each character as it is or %-encoded (a space also
+    as ``+``), in any mix: a URL library re-encodes some characters and not others."""
+    parts = []
+    for char in form:
+        spellings = [re.escape(char), re.escape(quote(char, safe=""))]
+        if char == " ":
+            spellings.append(r"\+")
+        parts.append(spellings[0] if len(set(spellings)) == 1
+                     else "(?:" + "|".join(dict.fromkeys(spellings)) + ")")
+    return "".join(parts)
 
 
 def proxy_secrets(proxy_url: str | None) -> list[str]:
@@ -71,13 +88,23 @@ class Redactor:
                 forms |= encodings(secret)
         # Longest first, so a secret that contains another is masked whole; case-blind,
         # so %2f and %2F are both caught (masking a case variant of a key costs nothing).
-        alternatives = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
+        alternatives = "|".join(_spelled_any_way(form)
+                                for form in sorted(forms, key=len, reverse=True))
         self._pattern = re.compile(alternatives, re.IGNORECASE) if alternatives else None
+
+    def __repr__(self) -> str:
+        return "Redactor(...)"  # it holds the secrets it masks
 
     def clean(self, text: str) -> str:
         if self._pattern is not None:
             text = self._pattern.sub(MASK, text)
-        return _SK_PATTERN.sub(MASK, text)
+        return mask_key_shapes(text)
+
+
+def mask_key_shapes(text: str) -> str:
+    """``text`` with anything shaped like an OpenAI key (``sk-...``) masked: what text from
+    a server gets where no redactor knows the run's own secrets."""
+    return _SK_PATTERN.sub(MASK, text)
 
 
 def printable(text: str) -> str:
@@ -86,8 +113,10 @@ def printable(text: str) -> str:
     return _TERMINAL_CONTROLS.sub("", text)
 
 
-def redact_url(url: str) -> str:
-    """A URL safe to print: userinfo and key-like query values masked."""
+def redact_url(url: str, secret_params: Iterable[str] = ()) -> str:
+    """A URL safe to print: userinfo and the values of key-like query parameters (and of
+    ``secret_params``) masked."""
+    secret = SECRET_QUERY_PARAMS | {name.lower() for name in secret_params}
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
@@ -96,6 +125,6 @@ def redact_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode(
-            [(k, MASK if k.lower() in SECRET_QUERY_PARAMS else v) for k, v in pairs], safe="*"
+            [(k, MASK if k.lower() in secret else v) for k, v in pairs], safe="*"
         )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

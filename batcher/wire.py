@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from batcher.errors import ApiError, Verdict
-from batcher.redact import redact_url
+from batcher.redact import mask_key_shapes, redact_url
 
 # 429 codes/types that mean the account has no money or quota left: retrying
 # cannot help ("Retrying these errors won't restore access").
@@ -48,8 +48,12 @@ GATEWAY_SETUP_CODES: Mapping[str, str] = {
     "auth_error": "the gateway refused the API key",
 }
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
-ABORT_STATUSES = frozenset({401, 403})
+# 407: a proxy refuses our proxy credentials, and will refuse every request alike.
+ABORT_STATUSES = frozenset({401, 403, 407})
 MAX_MESSAGE_CHARS = 300
+MAX_LABEL_CHARS = 64
+"""An error's ``code`` and ``type`` are short names (``context_length_exceeded``);
+longer is not a name, and it becomes the row's ``error_class``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +84,7 @@ def request_body(model: str, messages: list[dict[str, str]], params: Mapping[str
     return orjson.dumps({"model": model, "messages": messages, **params})
 
 
-def _verbatim(text: str) -> str:
-    return text
-
-
-def parse_completion(body: bytes, *, clean: Callable[[str], str] = _verbatim) -> Completion:
+def parse_completion(body: bytes, *, clean: Callable[[str], str] = mask_key_shapes) -> Completion:
     """Read a 200 response. A body that is not a usable chat completion is a
     transient server fault (``ApiError`` with ``Verdict.RETRY``); ``clean`` is
     applied to any text the server put in it (the client passes its redactor's)."""
@@ -128,7 +128,7 @@ def parse_completion(body: bytes, *, clean: Callable[[str], str] = _verbatim) ->
 
 def classify_error(status: int, body: bytes, headers: Mapping[str, str], *,
                    now: float | None = None, url: str | None = None,
-                   clean: Callable[[str], str] = _verbatim) -> ApiError:
+                   clean: Callable[[str], str] = mask_key_shapes) -> ApiError:
     """Decide what a non-200 response means for its row and for the run.
 
     ``url``, the URL requested, when given: a 404 without an error code
@@ -146,11 +146,12 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str], *,
     message = detail.message
     gateway_fault = False
     if 300 <= status < 400:
-        target = one_line(clean(headers.get("location", "elsewhere")))
+        target = server_text(headers.get("location", "elsewhere"), clean)
         message = (f"HTTP {status}: the server redirects to {target}; batcher does not "
                    "follow redirects (set endpoint.base_url to the final URL)")
     elif data is None and body:
-        content_type = clean(headers.get("content-type", "unknown type").split(";")[0])
+        content_type = server_text(headers.get("content-type", "unknown type").split(";")[0],
+                                   clean, MAX_LABEL_CHARS)
         message = f"HTTP {status} with a non-JSON body ({content_type})"
         # Starlette/uvicorn answer an unhandled exception in the gateway itself with a
         # plain-text 500; the backend's own failures come wrapped in JSON.
@@ -159,6 +160,9 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str], *,
             message += (": the gateway itself failed, not the model; check the API key "
                         "and the gateway's configuration (LiteLLM without its database "
                         "answers a request with no key this way)")
+    if status == 407:  # only a proxy answers this, and it answers every request alike
+        message += ("; a proxy refused batcher's proxy credentials: fix the user and "
+                    "password in HTTP_PROXY (or ALL_PROXY), %-encoding special characters")
     wrong_url = False
     if url is not None and status == 404 and detail.code is None:
         wrong_url = True
@@ -166,7 +170,7 @@ def classify_error(status: int, body: bytes, headers: Mapping[str, str], *,
     retry_after_s = parse_retry_after(headers, now=now)
     if retry_after_s is None and status == 429:
         retry_after_s = parse_rate_limits(headers).exhausted_reset_s()
-    markers = {value for value in (detail.code, detail.type) if value}
+    markers = detail.markers
     setup = sorted(markers & GATEWAY_SETUP_CODES.keys())
     if setup:
         verdict = Verdict.ABORT
@@ -205,15 +209,17 @@ def not_found_message(url: str, reason: str) -> str:
 @dataclass(frozen=True, slots=True)
 class ErrorDetail:
     """What an error body says: a one-line message (``HTTP 429 code type: text``),
-    and the body's ``code`` and ``type``."""
+    and the body's ``code`` and ``type`` fit to store and print (see :func:`server_text`);
+    ``markers`` are the two as the server sent them, for classifying only."""
 
     message: str
     code: str | None
     type: str | None
+    markers: frozenset[str] = frozenset()
 
 
 def describe_error(status: int, data: Any, *,
-                   clean: Callable[[str], str] = _verbatim) -> ErrorDetail:
+                   clean: Callable[[str], str] = mask_key_shapes) -> ErrorDetail:
     """Pull message, code and type out of any of the error shapes servers send.
 
     A gateway that wraps a backend's error (LiteLLM) puts the HTTP status again in
@@ -241,10 +247,13 @@ def describe_error(status: int, data: Any, *,
             message = inner.get("message") or message
             code = _meaningful(inner.get("code"), status) or code
             kind = _meaningful(inner.get("type"), status) or kind
+    markers = frozenset(value for value in (code, kind) if value)
+    code = None if code is None else server_text(code, clean, MAX_LABEL_CHARS)
+    kind = None if kind is None else server_text(kind, clean, MAX_LABEL_CHARS)
     label = " ".join(part for part in (code, kind) if part)
     prefix = f"HTTP {status}" + (f" {label}" if label else "")
-    text = one_line(clean(str(message))) if message not in (None, "") else "no error message"
-    return ErrorDetail(f"{prefix}: {text}", code=code, type=kind)
+    text = server_text(message, clean) if message not in (None, "") else "no error message"
+    return ErrorDetail(f"{prefix}: {text}", code=code, type=kind, markers=markers)
 
 
 def _meaningful(value: Any, status: int) -> str | None:
@@ -455,9 +464,20 @@ def _count(raw: str) -> int | None:
     return value if value >= 0 else None
 
 
-def one_line(text: str) -> str:
+def one_line(text: str, limit: int | None = MAX_MESSAGE_CHARS) -> str:
+    """``text`` on one line (every run of whitespace, line breaks of any kind included,
+    is one space), cut to ``limit`` characters."""
     flat = " ".join(text.split())
-    return flat if len(flat) <= MAX_MESSAGE_CHARS else flat[: MAX_MESSAGE_CHARS - 1] + "…"
+    return flat if limit is None or len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def server_text(value: object, clean: Callable[[str], str] = mask_key_shapes,
+                limit: int | None = MAX_MESSAGE_CHARS) -> str:
+    """Any field a server supplied, fit to store and print: secrets masked by ``clean``
+    (before the cut: a key cut in half would no longer be recognised), on one line (a
+    newline in it would forge a line of a log), cut to ``limit``. Every error code, type
+    and message from a server passes here before it reaches a row, a log or a file."""
+    return one_line(clean(str(value)), limit)
 
 
 def _reply_text(message: dict[str, Any]) -> str | None:
