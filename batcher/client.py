@@ -21,8 +21,15 @@ import aiohttp
 import orjson
 
 from batcher.errors import ApiError, ConfigError, Verdict
-from batcher.redact import Redactor
-from batcher.wire import Completion, classify_error, one_line, parse_completion
+from batcher.redact import MASK, Redactor, redact_url
+from batcher.wire import (
+    MAX_LABEL_CHARS,
+    Completion,
+    classify_error,
+    one_line,
+    parse_completion,
+    server_text,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,16 @@ class Endpoint:
     query: dict[str, str] = field(default_factory=dict)
     """Query parameters every request carries (a key sent as ``auth.query``)."""
     proxy: str | None = None
+
+    def __repr__(self) -> str:
+        # The key may be in a header, in the URL's query or in ``query``, and a proxy's
+        # password in ``proxy``: repr() (a traceback, a log, a notebook) shows none of them.
+        url = redact_url(self.url, secret_params=self.query.keys())
+        proxy = None if self.proxy is None else redact_url(self.proxy)
+        return (f"Endpoint(url={url!r}, headers={dict.fromkeys(self.headers, MASK)!r}, "
+                f"timeout_s={self.timeout_s!r}, max_response_bytes={self.max_response_bytes!r}, "
+                f"base_url={redact_url(self.base_url)!r}, "
+                f"query={dict.fromkeys(self.query, MASK)!r}, proxy={proxy!r})")
 
     def resource(self, path: str, **params: str) -> str:
         """The URL of ``path`` under the API root, with the endpoint's query parameters."""
@@ -254,6 +271,20 @@ def _transport_errors(what: str, timeout_s: float, redactor: Redactor) -> Iterat
         yield
     except TimeoutError:
         raise ApiError(Verdict.RETRY, f"{what} timed out after {timeout_s:g} s") from None
+    except aiohttp.ClientHttpProxyError as exc:  # the proxy's answer to our CONNECT
+        # Named by host and port only: aiohttp's text quotes the proxy URL with its
+        # credentials, half-decoded.
+        proxy = redactor.clean(str(exc.request_info.real_url.with_user(None).with_path("")))
+        if exc.status == 407:  # it will refuse every request alike: a bad key, in effect
+            raise ApiError(
+                Verdict.ABORT,
+                f"the proxy {proxy} refused batcher's proxy credentials (HTTP 407 to "
+                "CONNECT): fix the user and password in HTTPS_PROXY (or ALL_PROXY), "
+                "%-encoding special characters, or add the host to NO_PROXY",
+                status=407) from None
+        reason = server_text(exc.message, redactor.clean, MAX_LABEL_CHARS)
+        raise ApiError(Verdict.RETRY, f"connection error: the proxy {proxy} answered "
+                                      f"HTTP {exc.status} ({reason}) to CONNECT") from None
     except aiohttp.ClientError as exc:
         reason = one_line(redactor.clean(str(exc) or exc.__class__.__name__))
         raise ApiError(Verdict.RETRY, f"connection error: {reason}") from None
