@@ -79,6 +79,7 @@ from batcher.records import RowResult
 from batcher.redact import Redactor
 from batcher.retry import RetryPolicy
 from batcher.runner import Run, RunOptions, RunReport, Runtime, signals_handled
+from batcher.wire import server_text
 
 T = TypeVar("T")
 FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
@@ -86,6 +87,7 @@ LIST_MARGIN_S = 600.0
 """How far before a shard was planned the batch list is searched (clock skew)."""
 _BATCH_CONNECTIONS = 4
 _SHOWN_VALIDATION_ERRORS = 5
+_MAX_SAID_CHARS = 1000  # a line of the log, whatever the service put in it
 
 
 # -- planning -----------------------------------------------------------------------------
@@ -146,7 +148,10 @@ class BatchRun:
         self._checkpoint = checkpoint
         self._options = options
         self._runtime = runtime
-        self._say = say
+        # One line each, secrets masked: the messages quote the service (statuses, ids,
+        # validation errors), and a newline in one would forge a line of the log.
+        self._say: Callable[[str], None] = lambda text: say(
+            server_text(text, redactor.clean, _MAX_SAID_CHARS))
         self._wall = wall
         self._policy = RetryPolicy(self.job.retry.max_attempts, self.job.retry.base_delay_s,
                                    self.job.retry.max_delay_s)
@@ -431,7 +436,8 @@ class BatchRun:
         output = self.job.output
         outcome = reconcile(submitted, _lines(files), status,
                             problems if isinstance(problems, list) else [],
-                            schema=output.reply_schema if output is not None else None)
+                            schema=output.reply_schema if output is not None else None,
+                            clean=self._redactor.clean)
         unfinished: list[str] = []
         for name, line in outcome.outcomes.items():
             if line.result is None:

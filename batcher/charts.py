@@ -91,9 +91,16 @@ def errors_by_class(errors: pd.DataFrame) -> Figure:
     counts = errors["error_class"].fillna("error").value_counts().iloc[::-1]
     figure = _figure(height=1.0 + 0.45 * len(counts))
     axes = figure.add_subplot()
-    axes.barh([str(name) for name in counts.index], counts.to_numpy(), color="tab:red")
+    axes.barh([_literal(str(name)) for name in counts.index], counts.to_numpy(),
+              color="tab:red")
     axes.set_xlabel("rows")
     return figure
+
+
+def _literal(label: str) -> str:
+    """``label`` drawn as it is: a class comes from a server's error code, and matplotlib
+    reads text between two ``$`` as math, failing on what is not valid TeX."""
+    return label.replace("$", r"\$")
 
 
 def png_base64(figure: Figure) -> str:
