@@ -11,15 +11,29 @@ flight and it still does not fit, the budget is reached and the run stops.
 
 A request the server answered with an error releases its reservation
 (providers bill answers only); one that got no answer at all (a timeout, a
-dropped connection) may still have run, so its worst case stays spent for the
-rest of the run. What earlier runs spent is read from the checkpoint (the
-usage of every answered row), so a resumed run counts it.
+dropped connection), or an answer whose usage cannot be trusted, may still
+have been billed in full, so its worst case stays spent. What earlier runs
+spent is read from the checkpoint (the usage of every answered row), and what
+they sent and never settled from a :class:`Ledger` (``batcher.unsettled``):
+every request is recorded there as it goes out, and an answer with usable
+usage settles it, in this run or a later one, so a resumed run counts both.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class Ledger(Protocol):
+    """Where requests sent under a budget are kept until an answer settles them."""
+
+    def sent(self, key: bytes, usd: float, tokens: int) -> None: ...
+
+    def answered(self, key: bytes) -> tuple[float, int]:
+        """Settle ``key``'s requests; returns what earlier runs had counted for them."""
+        ...
 
 
 @dataclass(slots=True)
@@ -34,7 +48,10 @@ class Budget:
     """Reserve before sending, settle on the response; ``None`` limits are unlimited."""
 
     def __init__(self, max_cost_usd: float | None, max_total_tokens: int | None, *,
-                 spent_usd: float = 0.0, spent_tokens: int = 0) -> None:
+                 spent_usd: float = 0.0, spent_tokens: int = 0,
+                 ledger: Ledger | None = None) -> None:
+        """``spent_*``: what earlier runs spent, their unsettled requests included."""
+        self.ledger = ledger
         self.max_cost_usd = max_cost_usd
         self.max_total_tokens = max_total_tokens
         self.spent_usd = spent_usd
@@ -65,18 +82,35 @@ class Budget:
             await self._changed.wait()
         return None
 
-    def settle(self, hold: Hold, cost_usd: float | None, tokens: int | None) -> None:
+    def sending(self, hold: Hold, key: bytes) -> None:
+        """The request for ``key`` goes out now: it stays counted until answered."""
+        if self.ledger is not None:
+            self.ledger.sent(key, hold.cost_usd, hold.tokens)
+
+    def settle(self, hold: Hold, cost_usd: float | None, tokens: int | None,
+               key: bytes | None = None) -> None:
         """Replace a reservation by what the request used (``None``: not reported,
-        so the reservation is kept as spent)."""
+        so the reservation is kept as spent). ``key``: an answer to that request,
+        which settles its requests of earlier runs when it reports its usage."""
         self._release(hold)
         self.spent_usd += hold.cost_usd if cost_usd is None else cost_usd
         self.spent_tokens += hold.tokens if tokens is None else tokens
+        if key is not None and tokens is not None:
+            self._answered(key)
         self._notify()
 
-    def release(self, hold: Hold) -> None:
-        """The request failed: nothing was spent."""
+    def release(self, hold: Hold, key: bytes | None = None) -> None:
+        """The request failed with an answer (for ``key``): nothing was spent."""
         self._release(hold)
+        if key is not None:
+            self._answered(key)
         self._notify()
+
+    def _answered(self, key: bytes) -> None:
+        if self.ledger is not None:
+            carried_usd, carried_tokens = self.ledger.answered(key)
+            self.spent_usd = max(0.0, self.spent_usd - carried_usd)
+            self.spent_tokens = max(0, self.spent_tokens - carried_tokens)
 
     def _fits(self, cost_usd: float, tokens: int) -> bool:
         if self.max_cost_usd is not None and (

@@ -26,6 +26,7 @@ bottom in one place; each step is a small function or class of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -310,22 +311,26 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
             return None
         attempts += 1
         sending.stats.requests += 1
+        if sending.budget is not None and hold is not None:
+            sending.budget.sending(hold, request.key)
         try:
             response = await sending.sender.send(request.body)
         except ApiError as error:
             if error.status is None and sending.budget is not None and hold is not None:
                 # No answer (a timeout, a dropped connection): the server may still
-                # have run and billed it, so its worst case stays spent for this run.
+                # have run and billed it, so its worst case stays spent, in this run
+                # and (through the budget's ledger) the next, until an answer comes.
                 sending.budget.settle(hold, None, None)
             else:
-                _release(sending.budget, hold)  # an error answer: nothing billed
+                _release(sending.budget, hold, request.key)  # an error answer: not billed
             sending.limiter.observe(parse_rate_limits(error.headers), reservation.tokens,
                                     sent=reservation)
             failure = error
         else:
             sending.limiter.observe(parse_rate_limits(response.headers), reservation.tokens,
                                     sent=reservation)
-            completion = response.completion
+            completion = _trusted_usage(response.completion, len(request.body), max_output,
+                                        sending.n_choices)
             if completion.completion_tokens is not None:
                 sending.output_estimate.observe(completion.completion_tokens)
             sending.limiter.settle(reservation, _charged_tokens(
@@ -335,7 +340,10 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
                             completion.completion_tokens, completion.cached_tokens,
                             completion.reasoning_tokens)
             if sending.budget is not None and hold is not None:
-                sending.budget.settle(hold, cost, completion.total_tokens)
+                used = (None if completion.prompt_tokens is None
+                        or completion.completion_tokens is None
+                        else completion.prompt_tokens + completion.completion_tokens)
+                sending.budget.settle(hold, cost, used, request.key)
             spent.add(completion, cost)
             verdict = 0 if sending.validate is None else sending.validate(completion)
             if isinstance(verdict, int):
@@ -379,9 +387,31 @@ async def _reserve(request: RowRequest, sending: Sending) -> Hold | None:
     return await budget.reserve(cost, prompt + output)
 
 
-def _release(budget: Budget | None, hold: Hold | None) -> None:
+def _release(budget: Budget | None, hold: Hold | None, key: bytes | None = None) -> None:
     if budget is not None and hold is not None:
-        budget.release(hold)
+        budget.release(hold, key)
+
+
+def _trusted_usage(completion: Completion, body_bytes: int, max_output: int | None,
+                   n_choices: int) -> Completion:
+    """The completion, without its usage when that cannot be right: more prompt
+    tokens than the request had bytes, more output than ``max_tokens`` allowed,
+    parts larger than their whole (negative counts are dropped when parsed). Such
+    usage is treated as missing: no cost is made up from it, and a budget keeps
+    the request's worst case."""
+    prompt, output = completion.prompt_tokens, completion.completion_tokens
+    output_bound = None if max_output is None else max_output * n_choices
+    plausible = (
+        (prompt is None or prompt <= body_bytes)
+        and (output is None or output_bound is None or output <= output_bound)
+        and (completion.cached_tokens or 0) <= (prompt or 0)
+        and (completion.reasoning_tokens or 0) <= (output or 0)
+        and (completion.total_tokens is None or output_bound is None
+             or completion.total_tokens <= body_bytes + output_bound))
+    if plausible:
+        return completion
+    return dataclasses.replace(completion, prompt_tokens=None, completion_tokens=None,
+                               total_tokens=None, cached_tokens=None, reasoning_tokens=None)
 
 
 def row_cost(price: Price | None, prompt_tokens: int | None, completion_tokens: int | None,

@@ -135,17 +135,30 @@ def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) ->
                         "nothing to send")
     prepared = Prepared(job, reader, summary.rows, limit, summary.digest,
                         summary.output_schema, summary.beyond_limit)
-    if job.limits.max_cost_usd is not None and isinstance(prepared.online_price, NoPrice):
-        raise ConfigError(f"limits.max_cost_usd: cannot keep to a budget without a price: "
-                          f"{prepared.online_price.reason}")
+    if job.limits.max_cost_usd is not None:
+        _check_budget_price(job, prepared.online_price)
     return prepared
+
+
+def _check_budget_price(job: Job, price: Price | NoPrice) -> None:
+    """A cost budget needs a price whose every component the replies report."""
+    if isinstance(price, NoPrice):
+        raise ConfigError(f"limits.max_cost_usd: cannot keep to a budget without a price: "
+                          f"{price.reason}")
+    unbounded = price.unbounded(job.request_params)
+    if unbounded:
+        raise ConfigError(
+            f"limits.max_cost_usd: cannot keep to a budget for '{job.model}': its price "
+            f"({price.source}) also bills {', '.join(unbounded)}, which replies do not "
+            "report; remove the budget, or give the job a pricing: block (input, output: "
+            "USD per million tokens) to budget by tokens alone")
 
 
 def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estimate:
     """Rows, tokens and cost a run would send (for ``--dry-run``): prompt tokens
     counted with the model's tokenizer where one works offline, else estimated;
     the cost is an upper bound (every row using its whole ``max_tokens``, no
-    cache hits)."""
+    cache hits, every request's fee)."""
     job = prepared.job
     counter = counter_for(job.model)
     renderer = prepared.renderer()
@@ -171,7 +184,7 @@ def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estima
     price = prepared.price
     cost = None
     if isinstance(price, Price) and completion is not None:
-        cost = price.worst_case(prompt_tokens, completion)
+        cost = price.worst_case(prompt_tokens, completion, requests=to_send)
     return Estimate(prepared.row_count, to_send, reused, prompt_tokens, completion, cost,
                     counter.label, price, shared=shared, unsendable=unsendable)
 

@@ -17,15 +17,32 @@ Tokens are billed the way OpenAI's chat API reports them: ``prompt_tokens``
 includes ``cached_tokens``, which cost the cached-input price;
 ``completion_tokens`` includes ``reasoning_tokens``, which cost the output
 price (unless the price data gives reasoning its own rate).
+
+Every component of a listed price is accounted for, in the estimate, the
+budget's reservations and each row's cost:
+
+- tokens a reply reports (input, cached input, output, reasoning) and a
+  per-request fee (some search models) are priced;
+- what batcher's requests never incur is left out: non-text input (it sends
+  text only) and cache writes (billed only for blocks marked for caching);
+- tool calls (web or file searches, code runs) are billed only when the job
+  turns tools on (``params.tools``, ``params.web_search_options``), and
+  replies do not count them;
+- anything else (audio or image output, citation tokens, characters,
+  seconds, pages) is billed by a count no reply reports.
+
+A budget is refused (:meth:`Price.unbounded`) for a price with a component
+the replies cannot report, since what it spends could not be known.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from genai_prices.types import ModelPrice, PriceCalculation
@@ -34,6 +51,16 @@ if TYPE_CHECKING:
 
 _MILLION = 1_000_000
 _BATCH_CONTEXT = {"processing": "batch"}
+
+# genai-prices' price keys by what a chat reply tells of them (see the module docstring).
+_REPORTED = frozenset({"input_mtok", "cache_read_mtok", "output_mtok", "output_reasoning_mtok",
+                       "requests_kcount"})
+_NEVER_SENT_PREFIXES = ("input_audio", "input_image", "input_video", "cache_audio",
+                        "cache_image", "cache_video", "cache_write", "cache_text_write")
+_TOOL_CALLS = frozenset({"web_searches_kcount", "storage_searches_kcount",
+                         "code_executions_kcount", "social_searches_kcount"})
+#: Request parameters that turn on tools billed per call.
+TOOL_PARAMS = ("tools", "web_search_options")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,22 +86,41 @@ class Price:
     # Set when the price data is more than three flat rates (tiers by prompt
     # size, a separate reasoning rate): rows are then costed by genai-prices.
     model_price: ModelPrice | None = None
+    per_request: float = 0.0  # USD billed for every request, whatever its tokens
+    reasoning: float | None = None  # USD per million reasoning tokens, when not ``output``
+    # Components no reply reports (labels, e.g. "output audio tokens"), and the
+    # per-call tool fees billed when the job turns tools on.
+    unreported: tuple[str, ...] = ()
+    tool_calls: tuple[str, ...] = ()
 
     def cost(self, usage: Usage) -> float:
-        """What one response cost in USD, as the provider bills it."""
-        if self.model_price is not None:
+        """What one response cost in USD, as the provider bills it (its fee included)."""
+        if self.model_price is not None:  # genai-prices counts the request's fee itself
             return float(self.model_price.calc_price(_genai_usage(usage))["total_price"])
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         return ((usage.prompt_tokens - cached) * self.input + cached * self.cached_input
-                + usage.completion_tokens * self.output) / _MILLION
+                + usage.completion_tokens * self.output) / _MILLION + self.per_request
 
-    def worst_case(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """An upper bound on a request's cost: no cache hits, the highest tier."""
-        return (prompt_tokens * self.input + completion_tokens * self.output) / _MILLION
+    def worst_case(self, prompt_tokens: int, completion_tokens: int, requests: int = 1
+                   ) -> float:
+        """An upper bound on the cost of ``requests`` requests with these tokens in all:
+        no cache hits, the highest tier and rate, every request's fee."""
+        input_rate = max(self.input, self.cached_input)
+        output_rate = max(self.output, self.reasoning or 0.0)
+        return ((prompt_tokens * input_rate + completion_tokens * output_rate) / _MILLION
+                + requests * self.per_request)
+
+    def unbounded(self, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """What requests with ``params`` may be billed for that no reply reports
+        (empty: a budget can hold)."""
+        tools = self.tool_calls if any(name in params for name in TOOL_PARAMS) else ()
+        return self.unreported + tools
 
     def describe(self) -> str:
         rates = (f"${_figure(self.input)} input, ${_figure(self.cached_input)} cached input, "
                  f"${_figure(self.output)} output per million tokens")
+        if self.per_request:
+            rates += f", ${_figure(self.per_request * 1000)} per thousand requests"
         return f"{rates} ({self.source}{', Batch API price' if self.batch else ''})"
 
 
@@ -131,11 +177,15 @@ def _listed_price(model: str, provider: str | None, base_url: str | None, batch:
                        f"{found.provider.name} without token prices; add a pricing: block "
                        "to the job")
     flat = all(isinstance(rate, Decimal | None) for rate in (
-        model_price.input_mtok, model_price.cache_read_mtok, model_price.output_mtok))
+        model_price.input_mtok, model_price.cache_read_mtok, model_price.output_mtok,
+        model_price.requests_kcount))
     flat = flat and model_price.output_reasoning_mtok is None
     input_rate, cached_rate, output_rate = (float(rate) if rate is not None else None
                                             for rate in rates)
     assert input_rate is not None and output_rate is not None
+    fee, reasoning = (_top_rate(model_price.requests_kcount),
+                      _top_rate(model_price.output_reasoning_mtok))
+    components = _components(model_price)
     return Price(
         input=input_rate,
         cached_input=input_rate if cached_rate is None else cached_rate,
@@ -143,7 +193,29 @@ def _listed_price(model: str, provider: str | None, base_url: str | None, batch:
         source=f"genai-prices {__version__}: {found.provider.name} {found.model.id}",
         batch=batch,
         model_price=None if flat else model_price,
+        per_request=0.0 if fee is None else float(fee) / 1000,
+        reasoning=None if reasoning is None else float(reasoning),
+        unreported=tuple(_label(key) for key in components
+                         if key not in _REPORTED and key not in _TOOL_CALLS
+                         and not key.startswith(_NEVER_SENT_PREFIXES)),
+        tool_calls=tuple(_label(key) for key in components if key in _TOOL_CALLS),
     )
+
+
+def _components(model_price: ModelPrice) -> list[str]:
+    """The price keys the price sets (``input_mtok``, ``requests_kcount``, ...)."""
+    return [key for key, value in vars(model_price).items()
+            if not key.startswith("_") and value is not None]
+
+
+def _label(key: str) -> str:
+    """A price key as a reader says it: ``output_audio_mtok`` -> "output audio tokens"."""
+    for suffix, unit in (("_mtok", " tokens"), ("_kcount", ""), ("_kpages", " pages"),
+                         ("_mchars", " characters"), ("_hours", " time"),
+                         ("_gpixels", " pixels")):
+        if key.endswith(suffix):
+            return key.removesuffix(suffix).replace("_", " ") + unit
+    return key.replace("_", " ")
 
 
 def _by_url_then_name(zero: object, model: str, base_url: str | None, when: datetime,

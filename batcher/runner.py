@@ -63,6 +63,7 @@ from batcher.progress import Progress, RunStats
 from batcher.records import SOURCE_REUSED, SOURCE_SENT, SOURCE_SHARED, SOURCES, RowResult
 from batcher.retry import FailureStreak
 from batcher.tally import Tally
+from batcher.unsettled import Unsettled, ledger_path_for
 
 __all__ = ["Run", "RunControl", "RunOptions", "RunReport", "Runtime", "SenderFactory",
            "prepare"]  # prepare: where every run starts, kept importable from here
@@ -166,7 +167,8 @@ class Run:
         self._work_future: asyncio.Future[None] | None = None
         online_price = prepared.online_price
         self._budget = _budget(self.job, checkpoint,
-                               online_price if isinstance(online_price, Price) else None)
+                               online_price if isinstance(online_price, Price) else None,
+                               fresh=options.fresh)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -196,6 +198,8 @@ class Run:
                         f"while writing the results; {written.path} is complete")
         finally:
             self._progress.close()
+            if self._budget is not None and isinstance(self._budget.ledger, Unsettled):
+                self._budget.ledger.close()
         return RunReport(self.stats, written.rows, written.failed_rows, written.path,
                          results_rewritten=written.rewritten, tally=written.tally,
                          price=self.prepared.online_price)
@@ -229,6 +233,10 @@ class Run:
         if limits.max_total_tokens is not None:
             spent.append(f"{budget.spent_tokens:,} tokens of limits.max_total_tokens "
                          f"{limits.max_total_tokens:,}")
+        ledger = budget.ledger
+        if isinstance(ledger, Unsettled) and ledger.carried:
+            spent.append(f"{len(ledger.carried):,} requests sent by earlier runs without a "
+                         "usable answer count at their worst case until one comes")
         self._checkpoint.refresh()
         done = sum(int(self._checkpoint.answered(keys).sum()) for keys in batch_keys(
             self.prepared.batches(), self.job, self._renderer))
@@ -361,10 +369,11 @@ class Run:
         self._progress.update(row.position, result, shared=True)
 
 
-def _budget(job: Job, checkpoint: Checkpoint, price: Price | None) -> Budget | None:
-    """The job's budget, less what earlier runs of it spent (read from the checkpoint:
-    each answered row's cost, or for a row recorded without one, its usage at
-    ``price``)."""
+def _budget(job: Job, checkpoint: Checkpoint, price: Price | None, *,
+            fresh: bool = False) -> Budget | None:
+    """The job's budget, less what earlier runs of it spent: read from the checkpoint
+    (each answered row's cost, or for a row recorded without one, its usage at
+    ``price``) and from the ledger of requests they sent and never settled."""
     limits = job.limits
     if limits.max_cost_usd is None and limits.max_total_tokens is None:
         return None
@@ -376,8 +385,10 @@ def _budget(job: Job, checkpoint: Checkpoint, price: Price | None) -> Budget | N
                             record.get("cached_tokens"), record.get("reasoning_tokens"))
         spent_usd += cost or 0.0
         spent_tokens += record.get("total_tokens") or 0
-    return Budget(limits.max_cost_usd, limits.max_total_tokens, spent_usd=spent_usd,
-                  spent_tokens=spent_tokens)
+    ledger = Unsettled.open(ledger_path_for(checkpoint.path), fresh=fresh)
+    return Budget(limits.max_cost_usd, limits.max_total_tokens,
+                  spent_usd=spent_usd + ledger.carried_usd,
+                  spent_tokens=spent_tokens + ledger.carried_tokens, ledger=ledger)
 
 
 @contextlib.contextmanager

@@ -107,7 +107,8 @@ class Summary:
             note = price.reason
         elif tally.unpriced_rows:
             note = (f"{tally.unpriced_rows:,} answered rows without a cost (no usage in the "
-                    "reply, or answered before costs were recorded)")
+                    "reply, usage that cannot be right, or answered before costs were "
+                    "recorded)")
         return cls(
             model=job.model, rows=report.rows, ok=report.rows - report.failed_rows,
             errors=report.failed_rows, from_checkpoint=stats.reused,

@@ -115,11 +115,11 @@ def parse_completion(body: bytes, *, clean: Callable[[str], str] = mask_key_shap
     return Completion(
         reply=first.reply,
         finish_reason=first.finish_reason,
-        prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
-        completion_tokens=_int_or_none(usage.get("completion_tokens")),
-        total_tokens=_int_or_none(usage.get("total_tokens")),
-        cached_tokens=_int_or_none(_nested(usage, "prompt_tokens_details", "cached_tokens")),
-        reasoning_tokens=_int_or_none(
+        prompt_tokens=_token_count(usage.get("prompt_tokens")),
+        completion_tokens=_token_count(usage.get("completion_tokens")),
+        total_tokens=_token_count(usage.get("total_tokens")),
+        cached_tokens=_token_count(_nested(usage, "prompt_tokens_details", "cached_tokens")),
+        reasoning_tokens=_token_count(
             _nested(usage, "completion_tokens_details", "reasoning_tokens")),
         refusal=first.refusal,
         choices=tuple(parsed),
@@ -507,6 +507,12 @@ def _int_or_none(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
+
+
+def _token_count(value: Any) -> int | None:
+    """A usage count as the server sent it; a negative one is no count at all."""
+    count = _int_or_none(value)
+    return None if count is None or count < 0 else count
 
 
 def _text_or_none(value: Any) -> str | None:
