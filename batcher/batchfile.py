@@ -187,6 +187,7 @@ def _line_outcome(line: dict[str, Any], schema: ReplySchema | None, clean: Clean
     response = line.get("response")
     if isinstance(error, dict) and error:
         code = error.get("code")
+        code = code if isinstance(code, str) or code is None else one_line(str(code))
         if code in UNFINISHED_CODES:
             return Outcome(LineKind.UNFINISHED, None)
         if code in CANCELLED_CODES:

@@ -49,7 +49,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from batcher.batchfile import Shard, ShardWriter, reconcile, request_line, shard_ids
 from batcher.batchstate import (
@@ -61,6 +61,7 @@ from batcher.batchstate import (
     position_of,
     work_folder,
 )
+from batcher.batchwire import Batch, shown
 from batcher.checkpoint import Checkpoint
 from batcher.client import BatchClient, ChatClient, Endpoint
 from batcher.errors import (
@@ -85,6 +86,8 @@ T = TypeVar("T")
 FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
 LIST_MARGIN_S = 600.0
 """How far before a shard was planned the batch list is searched (clock skew)."""
+MAX_LIST_PAGES = 1000
+"""Pages of the batch list read at most while looking for a shard's batch (100,000 batches)."""
 _BATCH_CONNECTIONS = 4
 _SHOWN_VALIDATION_ERRORS = 5
 _MAX_SAID_CHARS = 1000  # a line of the log, whatever the service put in it
@@ -186,7 +189,9 @@ class BatchRun:
         """Go as far as this invocation can: finished results, or a "come back" report."""
         connections = max(_BATCH_CONNECTIONS, self.job.limits.concurrency)
         async with ChatClient(self._endpoint, self._redactor, connections) as chat:
-            pending = await self._batches(BatchClient(chat))
+            api = BatchClient(chat, max_download_bytes=self._spec.max_download_bytes,
+                              transfer_timeout_s=self._spec.transfer_timeout_s)
+            pending = await self._batches(api)
             if pending is not None:
                 return RunReport(self.stats, 0, 0, None, pending=pending)
             report = await self._finish(chat)
@@ -292,13 +297,13 @@ class BatchRun:
         for shard in waiting:
             batch = found.get(shard.digest)
             if batch is not None:
-                self._say(f"found batch {batch.get('id')} already created for "
+                self._say(f"found batch {batch.id} already created for "
                           f"{shard.file}; not creating another")
             else:
                 batch = await self._create(api, shard)
             self._adopt(shard, batch)
 
-    async def _create(self, api: BatchClient, shard: ShardRecord) -> dict[str, Any]:
+    async def _create(self, api: BatchClient, shard: ShardRecord) -> Batch:
         """Upload (unless done) and create; a create that may have reached the
         service is looked up before it is tried again."""
         state = self._state
@@ -321,46 +326,58 @@ class BatchRun:
             if existing is not None:
                 return existing
 
-    def _adopt(self, shard: ShardRecord, batch: dict[str, Any]) -> None:
-        batch_id = batch.get("id")
-        if not isinstance(batch_id, str):
-            raise RunAborted("the service answered a batch creation without a batch id")
-        shard.batch_id = batch_id
-        created = batch.get("created_at")
-        shard.created_at = float(created) if isinstance(created, int | float) else self._wall()
-        shard.status = str(batch.get("status") or "validating")
+    def _adopt(self, shard: ShardRecord, batch: Batch) -> None:
+        shard.batch_id = batch.id
+        shard.created_at = batch.created_at if batch.created_at is not None else self._wall()
+        shard.status = batch.status
         self._state.save()
-        self._say(f"submitted batch {batch_id} ({_count(shard.requests, 'request')})")
+        self._say(f"submitted batch {batch.id} ({_count(shard.requests, 'request')})")
 
     async def _find_existing(self, api: BatchClient, shards: list[ShardRecord]
-                             ) -> dict[str, dict[str, Any]]:
-        """Batches of this job whose ``batcher_shard`` is one of ``shards``', newest first."""
+                             ) -> dict[str, Batch]:
+        """Batches of this job whose ``batcher_shard`` is one of ``shards``', newest first.
+
+        A list that does not move on (the server ignores ``after``, or pages in a
+        circle) is an error, not an endless loop: without the whole list batcher
+        cannot tell whether a shard's batch exists, and a second one is paid twice.
+        """
         wanted = {shard.digest for shard in shards}
         since = min(shard.planned_at for shard in shards) - LIST_MARGIN_S
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, Batch] = {}
         after: str | None = None
-        while True:
+        cursors: set[str] = set()
+        for _ in range(MAX_LIST_PAGES):
             page = await self._with_retries(functools.partial(api.list, after), "list batches")
-            data = page.get("data")
-            batches = [batch for batch in data if isinstance(batch, dict)] if isinstance(
-                data, list) else []
-            for batch in batches:
-                metadata = batch.get("metadata")
-                if not isinstance(metadata, dict) or metadata.get(
-                        "batcher_job") != self.job.name[:512]:
+            for listed in page.batches:
+                if (listed.job != self.job.name[:512] or listed.shard not in wanted
+                        or listed.shard in found):
                     continue
-                digest = metadata.get("batcher_shard")
-                if digest in wanted and digest not in found:
-                    found[digest] = batch
-            created = [batch.get("created_at") for batch in batches]
-            oldest = min((c for c in created if isinstance(c, int | float)), default=None)
-            if (not page.get("has_more") or not batches or wanted <= found.keys()
+                try:  # this shard's batch: never created twice, so it must be usable
+                    found[listed.shard] = api.parse(listed.raw)
+                except ApiError as error:
+                    raise RunAborted(f"the batch list holds this job's batch, but: "
+                                     f"{error.message}; the batch state is kept") from None
+            oldest = min((listed.created_at for listed in page.batches
+                          if listed.created_at is not None), default=None)
+            if (not page.has_more or not page.batches or wanted <= found.keys()
                     or (oldest is not None and oldest < since)):
                 return found
-            last = batches[-1].get("id")
-            if not isinstance(last, str):
+            if page.last_id is None:
                 return found
-            after = last
+            if page.last_id in cursors:
+                raise RunAborted(
+                    "the service's batch list does not move on: asked for the batches after "
+                    f"{shown(page.last_id, self._redactor.clean)}, it answered that one again "
+                    "(it ignores the `after` cursor); batcher cannot tell whether this "
+                    "job's batch already exists, so it creates none (a second one would be "
+                    "billed twice); the batch state is kept, run again once the service "
+                    "pages its batch list")
+            cursors.add(page.last_id)
+            after = page.last_id
+        raise RunAborted(f"the service's batch list goes on past {MAX_LIST_PAGES:,} pages "
+                         "without reaching the batches of this job's time; batcher cannot "
+                         "tell whether this job's batch already exists, so it creates none; "
+                         "the batch state is kept")
 
     # -- poll and collect -------------------------------------------------------------------
 
@@ -372,15 +389,14 @@ class BatchRun:
                 continue
             batch = await self._with_retries(functools.partial(api.retrieve, batch_id),
                                              "check a batch")
-            status = str(batch.get("status"))
+            status = batch.status
             if status != shard.status:
                 shard.status = status
                 state.save()
             if status in FINAL_STATUSES:
                 await self._collect(api, shard, batch)
                 continue
-            counts = batch.get("request_counts") or {}
-            done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+            done = batch.done
             if self._options.progress:
                 self._say(f"batch {batch_id}: {status}, {done:,}/{shard.requests:,} "
                           "requests done")
@@ -411,31 +427,29 @@ class BatchRun:
                     return
                 delay = self._verdict(error, attempts, "cancel a batch")
             await self._runtime.sleep(delay)
-        shard.status = str(batch.get("status") or "cancelling")
+        shard.status = batch.status
         self._state.save()
         self._say(f"batch {batch_id}: not done {self._spec.deadline_h:g} h after it was "
                   "created; cancelling it: its finished requests are kept, the rest go online")
 
-    async def _collect(self, api: BatchClient, shard: ShardRecord,
-                       batch: dict[str, Any]) -> None:
+    async def _collect(self, api: BatchClient, shard: ShardRecord, batch: Batch) -> None:
         state = self._state
         assert shard.batch_id is not None
-        status = str(batch.get("status"))
+        status = batch.status
         files: list[Path] = []
-        for name in ("output_file_id", "error_file_id"):
-            file_id = batch.get(name)
-            if not isinstance(file_id, str):
+        # Named after the shard, never after an id the server chose.
+        stem = Path(shard.file).stem
+        for kind, file_id in (("output", batch.output_file_id), ("error", batch.error_file_id)):
+            if file_id is None:
                 continue
-            dest = state.folder / f"{shard.batch_id}.{name.split('_')[0]}.jsonl"
+            dest = state.folder / f"{stem}.{kind}.jsonl"
             await self._with_retries(functools.partial(api.download, file_id, dest),
                                      "download batch results")
             files.append(dest)
-        errors = batch.get("errors")
-        problems = errors.get("data") if isinstance(errors, dict) else None
+        problems = list(batch.problems)
         submitted = shard_ids(state.folder / shard.file)
         output = self.job.output
-        outcome = reconcile(submitted, _lines(files), status,
-                            problems if isinstance(problems, list) else [],
+        outcome = reconcile(submitted, _lines(files), status, problems,
                             schema=output.reply_schema if output is not None else None,
                             clean=self._redactor.clean)
         unfinished: list[str] = []
@@ -453,13 +467,12 @@ class BatchRun:
             with contextlib.suppress(OSError):
                 path.unlink()
         self._say(f"batch {shard.batch_id} {status}: {outcome.describe()}")
-        if status == "failed" and isinstance(problems, list):
+        if status == "failed":
             for problem in problems[:_SHOWN_VALIDATION_ERRORS]:
-                if isinstance(problem, dict):
-                    line_no = problem.get("line")
-                    where = f"line {line_no}: " if line_no is not None else ""
-                    self._say(f"  validation error: {where}{problem.get('code')}: "
-                              f"{problem.get('message')}")
+                line_no = problem["line"]
+                where = f"line {line_no}: " if line_no is not None else ""
+                self._say(f"  validation error: {where}{problem['code']}: "
+                          f"{problem['message']}")
         if status == "completed" and not outcome.counts["ok"]:
             self._say(f"batch {shard.batch_id}: reported completed, but no request in it "
                       "succeeded")
@@ -534,8 +547,9 @@ class BatchRun:
         delay = self._policy.delay_before_retry(attempts, error, self._runtime.rng)
         if delay is None:
             hint = (" (lower batch.max_bytes_per_file)" if error.status == 413 else "")
+            then = "" if error.verdict is Verdict.RETRY else " once that is fixed"
             raise RunAborted(f"could not {what}: {error.message}{hint}; the batch state is "
-                             "kept, run the same command again") from None
+                             f"kept, run the same command again{then}") from None
         return delay
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import orjson
 
+from batcher.batchwire import STATUS, is_safe_id, is_time
 from batcher.errors import CheckpointError, OutputError, fresh_option
 
 STATE_VERSION = 2  # 2: custom ids carry request keys, not request digests
@@ -61,6 +63,58 @@ class ShardRecord:
         return self.status != COLLECTED
 
 
+_HEX = re.compile(r"[0-9a-f]{1,64}")
+_SHARD_FILE = re.compile(r"shard-[0-9a-f]{1,64}\.jsonl")
+_CUSTOM_ID = re.compile(r"[0-9]{1,18}-(?:[0-9a-f]{2}){1,64}")
+
+
+def _damaged(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(f"{path}: the batch state is damaged ({reason}); batches may still "
+                           "run at the service, so look there before running with "
+                           f"{fresh_option()}")
+
+
+def saved_shards(data: object) -> list[ShardRecord]:
+    """The shards of a state file's contents, each field checked (a file edited by hand
+    or damaged must be an error that says so, never a traceback or a path elsewhere);
+    raises ``ValueError`` naming the first bad field."""
+    shards = data.get("shards", []) if isinstance(data, dict) else None
+    if not isinstance(shards, list):
+        raise ValueError("shards: not a list")
+    return [_saved_shard(number, entry) for number, entry in enumerate(shards, start=1)]
+
+
+def _saved_shard(number: int, entry: object) -> ShardRecord:
+    def bad(name: str) -> ValueError:
+        return ValueError(f"shard {number}: {name} is not valid")
+
+    if not isinstance(entry, dict):
+        raise bad("the entry")
+    unknown = set(entry) - {item.name for item in fields(ShardRecord)}
+    if unknown:
+        raise ValueError(f"shard {number}: an unknown field, {min(unknown)!r}")
+    try:
+        record = ShardRecord(**entry)
+    except TypeError:  # a field missing
+        raise ValueError(f"shard {number}: a field is missing") from None
+    checks = {
+        "digest": isinstance(record.digest, str) and _HEX.fullmatch(record.digest),
+        "file": isinstance(record.file, str) and _SHARD_FILE.fullmatch(record.file),
+        "requests": type(record.requests) is int and record.requests >= 0,
+        "planned_at": is_time(record.planned_at),
+        "file_id": record.file_id is None or is_safe_id(record.file_id),
+        "batch_id": record.batch_id is None or is_safe_id(record.batch_id),
+        "created_at": record.created_at is None or is_time(record.created_at),
+        "status": isinstance(record.status, str) and STATUS.fullmatch(record.status),
+        "unfinished": isinstance(record.unfinished, list) and all(
+            isinstance(name, str) and _CUSTOM_ID.fullmatch(name) for name in record.unfinished),
+    }
+    for name, valid in checks.items():
+        if not valid:
+            raise bad(name)
+    return record
+
+
 class BatchState:
     """The cycle's shards, saved atomically to ``state.json`` after every change."""
 
@@ -85,6 +139,8 @@ class BatchState:
             raise CheckpointError(f"{path}: cannot read the batch state ({exc}); batches "
                                   "may still run at the service, so look there before "
                                   f"running with {fresh_option()}") from None
+        if not isinstance(data, dict):
+            raise _damaged(path, "not a JSON object")
         # Requests are named by their keys, so batches of an earlier version of the job
         # or its input are still collected: each answer goes to the rows with its key.
         if data.get("version") != STATE_VERSION:
@@ -92,7 +148,10 @@ class BatchState:
                                   "collect them with that version, or run with "
                                   f"{fresh_option()} to "
                                   "forget them (they still run and are billed at the service)")
-        shards = [ShardRecord(**shard) for shard in data.get("shards", [])]
+        try:
+            shards = saved_shards(data)
+        except ValueError as exc:
+            raise _damaged(path, str(exc)) from None
         return cls(folder, job_name, shards)
 
     def save(self) -> None:
@@ -135,9 +194,8 @@ def forget_state(checkpoint_path: Path) -> int:
     folder = work_folder(checkpoint_path)
     path = folder / "state.json"
     still_open = 0
-    with contextlib.suppress(OSError, orjson.JSONDecodeError, TypeError):
-        data = orjson.loads(path.read_bytes())
-        still_open = sum(1 for shard in data.get("shards", [])
-                         if ShardRecord(**shard).open and shard.get("batch_id"))
+    with contextlib.suppress(OSError, orjson.JSONDecodeError, ValueError):
+        still_open = sum(1 for shard in saved_shards(orjson.loads(path.read_bytes()))
+                         if shard.open and shard.batch_id)
     BatchState(folder, "").discard()
     return still_open

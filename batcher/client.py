@@ -7,19 +7,21 @@ body cut short) is translated here, at one boundary, into a classified
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
-from urllib.parse import urlencode, urlsplit
+from typing import IO, Any, Self
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import orjson
 
+from batcher.batchwire import Batch, Page, parse_batch, parse_page, safe_id
 from batcher.errors import ApiError, ConfigError, Verdict
 from batcher.redact import MASK, Redactor, redact_url
 from batcher.wire import (
@@ -179,13 +181,24 @@ class BatchClient:
     """The Files and Batches API over a ``ChatClient``'s session (one per run).
 
     Every call raises a classified ``ApiError`` on failure, exactly as a chat
-    request does; retrying is the caller's policy. Uploads and downloads
-    stream from and to disk and have no total timeout, only the endpoint's
-    between two reads.
+    request does; retrying is the caller's policy. What the server answers is
+    checked where it arrives (``batcher.batchwire``): ids of a safe shape only,
+    quoted again in every URL. No answer is read past a cap and no call runs
+    without end: a JSON answer is held to ``endpoint.max_response_bytes`` and
+    ``endpoint.timeout_s`` in all; an upload or a download streams from and to
+    disk, at most ``max_download_bytes``, ``endpoint.timeout_s`` between two
+    reads and ``transfer_timeout_s`` in all.
     """
 
-    def __init__(self, client: ChatClient) -> None:
+    def __init__(self, client: ChatClient, *, max_download_bytes: int,
+                 transfer_timeout_s: float) -> None:
         self._client = client
+        self._max_download_bytes = max_download_bytes
+        self._transfer_timeout_s = transfer_timeout_s
+
+    @property
+    def _clean(self) -> Callable[[str], str]:
+        return self._client.redactor.clean
 
     async def upload(self, path: Path) -> str:
         """``POST /files`` with ``purpose=batch``; returns the file id."""
@@ -196,32 +209,39 @@ class BatchClient:
                            content_type="application/jsonl")
             data = await self._call("POST", "files", data=form, transfer=True)
         file_id = data.get("id")
-        if not isinstance(file_id, str):
+        if file_id is None:
             raise ApiError(Verdict.RETRY, "the upload's answer names no file id", status=200)
-        return file_id
+        return safe_id(file_id, "the uploaded file the id", self._clean)
 
-    async def create(self, file_id: str, window: str, metadata: dict[str, str]
-                     ) -> dict[str, Any]:
+    def parse(self, raw: Any) -> Batch:
+        """A batch object met in the list, checked as any other answer."""
+        return parse_batch(raw, clean=self._clean)
+
+    async def create(self, file_id: str, window: str, metadata: dict[str, str]) -> Batch:
         body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
                 "completion_window": window, "metadata": metadata}
-        return await self._call("POST", "batches", data=orjson.dumps(body), headers=_JSON)
+        answer = await self._call("POST", "batches", data=orjson.dumps(body), headers=_JSON)
+        return parse_batch(answer, clean=self._clean, status="validating")
 
-    async def retrieve(self, batch_id: str) -> dict[str, Any]:
-        return await self._call("GET", f"batches/{batch_id}")
+    async def retrieve(self, batch_id: str) -> Batch:
+        answer = await self._call("GET", f"batches/{_segment(batch_id)}")
+        return parse_batch(answer, clean=self._clean)
 
-    async def cancel(self, batch_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"batches/{batch_id}/cancel")
+    async def cancel(self, batch_id: str) -> Batch:
+        answer = await self._call("POST", f"batches/{_segment(batch_id)}/cancel")
+        return parse_batch(answer, clean=self._clean, status="cancelling")
 
-    async def list(self, after: str | None, limit: int = 100) -> dict[str, Any]:
+    async def list(self, after: str | None, limit: int = 100) -> Page:
         params = {"limit": str(limit)} | ({"after": after} if after else {})
-        return await self._call("GET", "batches", params=params)
+        return parse_page(await self._call("GET", "batches", params=params), clean=self._clean)
 
     async def download(self, file_id: str, dest: Path) -> None:
         """Stream a file's content to ``dest`` (whole or not at all)."""
         temp = dest.with_name(f".{dest.name}.part")
         try:
             with temp.open("wb") as handle:
-                await self._call("GET", f"files/{file_id}/content", sink=handle, transfer=True)
+                await self._call("GET", f"files/{_segment(file_id)}/content", sink=handle,
+                                 transfer=True)
             temp.replace(dest)
         finally:
             with contextlib.suppress(OSError):
@@ -229,7 +249,23 @@ class BatchClient:
 
     async def _call(self, method: str, path: str, *, data: Any = None,
                     headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
-                    sink: Any = None, transfer: bool = False) -> dict[str, Any]:
+                    sink: IO[bytes] | None = None, transfer: bool = False) -> dict[str, Any]:
+        what = f"{method} {path}"
+        if not transfer:
+            return await self._exchange(method, path, data=data, headers=headers,
+                                        params=params, sink=sink, transfer=False)
+        total = self._transfer_timeout_s
+        try:
+            async with asyncio.timeout(total):
+                return await self._exchange(method, path, data=data, headers=headers,
+                                            params=params, sink=sink, transfer=True)
+        except TimeoutError:  # the total; a stall between two reads is an ApiError already
+            raise ApiError(Verdict.RETRY, f"{what} took longer than batch.transfer_timeout_s "
+                           f"({total:g} s) and was stopped") from None
+
+    async def _exchange(self, method: str, path: str, *, data: Any,
+                        headers: dict[str, str] | None, params: dict[str, str] | None,
+                        sink: IO[bytes] | None, transfer: bool) -> dict[str, Any]:
         client = self._client
         session = client.session
         timeout_s = client.endpoint.timeout_s
@@ -246,10 +282,9 @@ class BatchClient:
                 response_headers = {key.lower(): value
                                     for key, value in response.headers.items()}
                 if status == 200 and sink is not None:
-                    async for chunk in response.content.iter_chunked(_CHUNK):
-                        sink.write(chunk)
+                    await self._save_capped(response, sink, f"{method} {path}")
                     return {}
-                payload = await response.read()
+                payload = await client._read_capped(response)
         clean = client.redactor.clean
         if status != 200:
             raise classify_error(status, payload, response_headers, clean=clean)
@@ -261,6 +296,32 @@ class BatchClient:
             raise ApiError(Verdict.RETRY, clean(f"{method} {path}: HTTP 200 with a body that is "
                                                 "not a JSON object"), status=200)
         return parsed
+
+    async def _save_capped(self, response: aiohttp.ClientResponse, sink: IO[bytes],
+                           what: str) -> None:
+        """Stream the body to ``sink``, no further than ``max_download_bytes``: a
+        runaway file is refused, not a full disk."""
+        limit = self._max_download_bytes
+        declared = response.content_length
+        size = 0
+        if declared is None or declared <= limit:
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    break
+                sink.write(chunk)
+            else:
+                return
+        response.close()  # the rest is never read: drop the connection
+        raise ApiError(Verdict.ROW_ERROR,
+                       f"{what}: the file is larger than batch.max_download_bytes "
+                       f"({limit:,} bytes); it was not kept (raise batch.max_download_bytes "
+                       "if the batch's answers are that large)", status=200)
+
+
+def _segment(resource_id: str) -> str:
+    """An id as one URL path segment (ids are checked on arrival; this is the second lock)."""
+    return quote(resource_id, safe="")
 
 
 @contextlib.contextmanager

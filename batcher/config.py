@@ -222,6 +222,11 @@ class BatchSpec(_Spec):
     poll_interval_s: PositiveFloat = 60.0
     deadline_h: PositiveFloat | None = None
     fallback: Literal["online", "none"] = "none"
+    # A download (a batch's output or error file) larger than this is refused, and an
+    # upload or a download taking longer than this in all is stopped: a server cannot
+    # fill the disk or drip a file forever. 2 GB is ten times the largest input file.
+    max_download_bytes: PositiveInt = 2_000_000_000
+    transfer_timeout_s: PositiveFloat = 3600.0
 
     @model_validator(mode="after")
     def _deadline_needs_fallback(self) -> BatchSpec:

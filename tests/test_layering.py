@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors", "records", "redact", "pricing", "mock_server", "budget", "safefiles",
      "tally", "structured"),
     # the job's validated settings, loading them, and the wire format
-    ("config", "jobload", "wire"),
+    ("config", "jobload", "wire", "batchwire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
     ("inputs", "inputscan", "outputs", "checkpoint", "keyindex", "journal", "prompts", "retry",
      "limits", "client", "endpoints", "progress", "batchfile", "batchstate", "tokens", "keys",
