@@ -168,9 +168,11 @@ def test_item14_patterns_keep_their_meaning() -> None:
 def test_item14_unique_items_keeps_its_meaning() -> None:
     schema = ReplySchema({"type": "object", "properties": {
         "xs": {"type": "array", "uniqueItems": True}}})
-    for items, unique in [([1, 1.0], False), ([True, 1], True), ([None, False, 0, ""], True),
-                          ([{"a": 1, "b": [1, 2]}, {"b": [1.0, 2], "a": 1}], False),
-                          ([[1], [True]], True), ([{"a": i} for i in range(50_000)], True)]:
+    cases: list[tuple[list[Any], bool]] = [
+        ([1, 1.0], False), ([True, 1], True), ([None, False, 0, ""], True),
+        ([{"a": 1, "b": [1, 2]}, {"b": [1.0, 2], "a": 1}], False), ([[1], [True]], True),
+        ([{"a": i} for i in range(50_000)], True)]
+    for items, unique in cases:
         verdict = schema.check(json.dumps({"xs": items}), "stop", None)
         assert isinstance(verdict, ParsedReply) is unique, (items[:3], verdict)
 
