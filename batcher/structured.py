@@ -18,7 +18,8 @@ schema's journey on the wire and back:
 The schema is validated with ``jsonschema`` (the reference implementation of
 the spec, every draft through 2020-12, local ``$ref``/``$defs`` as pydantic
 writes them, and errors that carry both the instance's and the schema's
-path). It is imported here only.
+path), built by :mod:`batcher.schema_guard` so that its patterns run in
+linear time and its references never leave the schema.
 
 A little over 300 lines, kept whole: what a request asks for in each
 dialect and the check every reply passes must agree on the same schema.
@@ -34,7 +35,9 @@ from typing import Any
 
 import orjson
 from jsonschema import exceptions as schema_exceptions
-from jsonschema import validators
+
+from batcher import schema_guard
+from batcher.schema_guard import SchemaError as SchemaError  # its home before schema_guard
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _FENCE = re.compile(r"\A```[A-Za-z0-9_-]*[ \t]*\n(?P<body>.*?)\n?```\Z", re.DOTALL)
@@ -84,10 +87,6 @@ class ParsedReply:
     values: dict[str, Any]
 
 
-class SchemaError(ValueError):
-    """The schema itself is unusable; the message names the place (config adds the key)."""
-
-
 class ReplySchema:
     """A checked JSON Schema for replies, ready to send and to validate against.
 
@@ -104,7 +103,6 @@ class ReplySchema:
         self.schema: dict[str, Any] = dict(schema)
         self.mode = mode
         self._validator = _compile(self.schema)
-        _check_refs(self.schema, self.schema)
         self.properties: dict[str, Any] = _top_properties(self.schema)
         self.name = _wire_name(self.schema.get("title"))
         self.strict_problem = _strict_problem(self.schema)
@@ -118,7 +116,7 @@ class ReplySchema:
         """``node`` with a local ``$ref`` (``#/$defs/Name``) followed, as often as needed."""
         seen = 0
         while isinstance(node, dict) and isinstance(node.get("$ref"), str):
-            node = _pointer(self.schema, node["$ref"])
+            node = schema_guard.pointer(self.schema, node["$ref"])
             seen += 1
             if seen > 32:
                 raise SchemaError("$ref: references loop")
@@ -175,7 +173,12 @@ class ReplySchema:
                                     "raise params.max_tokens")
             return ReplyProblem(ProblemKind.NOT_JSON,
                                 f"the reply is not valid JSON: {exc.msg} at {where}")
-        error = schema_exceptions.best_match(self._validator.iter_errors(value))
+        try:
+            error = schema_exceptions.best_match(self._validator.iter_errors(value))
+        except schema_guard.Unfollowable as exc:  # only a schema changed after its checks
+            return ReplyProblem(ProblemKind.SCHEMA, "the schema cannot be applied: a "
+                                f"reference in it cannot be followed ({_short(str(exc))}); "
+                                "batcher fetches nothing")
         if error is not None:
             return ReplyProblem(ProblemKind.SCHEMA, _describe(error))
         assert isinstance(value, dict)  # the top level is checked to be an object schema
@@ -219,7 +222,7 @@ def json_text(reply: str) -> str:
 
 
 def _compile(schema: dict[str, Any]) -> Any:
-    cls = validators.validator_for(schema, default=validators.Draft202012Validator)
+    cls = schema_guard.draft(schema)
     try:
         cls.check_schema(schema)
     except schema_exceptions.SchemaError as exc:
@@ -229,7 +232,8 @@ def _compile(schema: dict[str, Any]) -> Any:
             or not schema["properties"]:
         raise SchemaError('the top level must be {"type": "object", "properties": {...}}: '
                           "each property becomes a result column")
-    return cls(schema)
+    schema_guard.check(cls, schema)
+    return schema_guard.validator(cls, schema)
 
 
 def _top_properties(schema: dict[str, Any]) -> dict[str, Any]:
@@ -239,35 +243,6 @@ def _top_properties(schema: dict[str, Any]) -> dict[str, Any]:
             raise SchemaError("properties: a property has an empty name, which cannot name "
                               "a column")
     return properties
-
-
-def _check_refs(schema: dict[str, Any], node: Any) -> None:
-    """Every ``$ref`` must point inside the schema: found now, not when a reply arrives."""
-    if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str):
-            _pointer(schema, ref)
-        for child in node.values():
-            _check_refs(schema, child)
-    elif isinstance(node, list):
-        for child in node:
-            _check_refs(schema, child)
-
-
-def _pointer(schema: dict[str, Any], ref: str) -> Any:
-    if not ref.startswith("#"):
-        raise SchemaError(f"$ref: only references inside the schema (#/$defs/...) are "
-                          f"supported, not {ref!r}")
-    node: Any = schema
-    for part in ref[1:].split("/")[1:] if ref != "#" else []:
-        key = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        else:
-            raise SchemaError(f"$ref: {ref!r} points at nothing in the schema")
-    return node
 
 
 def _wire_name(title: Any) -> str:

@@ -33,7 +33,7 @@ PYPROJECT = PACKAGE.parent / "pyproject.toml"
 LAYERS: tuple[tuple[str, ...], ...] = (
     # leaves: import nothing from batcher (the package facade loads lazily)
     ("__init__", "errors", "records", "redact", "pricing", "mock_server", "budget", "safefiles",
-     "tally", "structured"),
+     "tally", "schema_guard", "structured"),
     # the job's validated settings, loading them, and the wire format
     ("config", "jobload", "wire", "batchwire"),
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
@@ -70,7 +70,9 @@ OWNERS: dict[str, tuple[str, ...] | None] = {
     "pydantic": ("config", "jobload"),
     "yaml": ("jobload",),
     "orjson": None,
-    "jsonschema": ("structured",),
+    "jsonschema": ("structured", "schema_guard"),
+    "referencing": ("schema_guard",),  # jsonschema's references: a registry that fetches nothing
+    "re2": ("schema_guard",),  # google-re2: schema patterns matched in linear time
 }
 
 #: The mock server imports nothing from batcher (a client bug cannot be

@@ -207,9 +207,9 @@ def test_schema_from_a_json_file_beside_the_job(tmp_path: Path) -> None:
      "output.schema: property 'status' would be the column 'status'"),
     (["not", "a", "schema"], "output.schema: must be a mapping of keys"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Nowhere"}}},
-     "output.schema: $ref: '#/$defs/Nowhere' points at nothing in the schema"),
+     "output.schema: properties.a.$ref: '#/$defs/Nowhere' points at nothing in the schema"),
     ({"type": "object", "properties": {"a": {"$ref": "https://example.org/s.json"}}},
-     "output.schema: $ref: only references inside the schema"),
+     "output.schema: properties.a.$ref: 'https://example.org/s.json' is outside the schema"),
 ])
 def test_a_bad_schema_is_a_config_error(tmp_path: Path, schema: Any, message: str) -> None:
     job = labelled_job("http://127.0.0.1:9/v1", tmp_path)
