@@ -8,6 +8,7 @@ body cut short) is translated here, at one boundary, into a classified
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import orjson
 
 from batcher.errors import ApiError, ConfigError, Verdict
 from batcher.redact import Redactor
+from batcher.safefiles import open_private
 from batcher.wire import Completion, classify_error, one_line, parse_completion
 
 
@@ -203,7 +205,9 @@ class BatchClient:
         """Stream a file's content to ``dest`` (whole or not at all)."""
         temp = dest.with_name(f".{dest.name}.part")
         try:
-            with temp.open("wb") as handle:
+            # 0600 and never through a link: the answers are as private as the checkpoint.
+            with os.fdopen(open_private(temp, "download", os.O_WRONLY | os.O_TRUNC), "wb"
+                           ) as handle:
                 await self._call("GET", f"files/{file_id}/content", sink=handle, transfer=True)
             temp.replace(dest)
         finally:
