@@ -29,6 +29,7 @@ import orjson
 from batcher.errors import OutputError
 from batcher.keys import KEY_BYTES
 from batcher.records import RowResult
+from batcher.safefiles import open_private, private_folder
 
 _OK_HEAD = re.compile(rb'\{"k":"([0-9a-f]{32})","status":"ok",')
 _READ_CHUNK = 4 << 20
@@ -40,11 +41,9 @@ class AnswerWriter:
 
     def __init__(self, folder: Path, worker: str) -> None:
         self.path = folder / f"journal-{worker}.jsonl"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot open the journal ({exc.strerror})") from None
+        # Every prompt's answer: a private folder of private files, as the checkpoint.
+        private_folder(folder, "journal folder")
+        self._fd = open_private(self.path, "journal", os.O_WRONLY | os.O_APPEND)
 
     def append(self, key: bytes, result: RowResult) -> None:
         record: dict[str, Any] = {"k": key.hex(), "status": result.status}
@@ -67,6 +66,7 @@ class Answers:
     """The ``ok`` answers in a folder of journals, looked up by request key."""
 
     def __init__(self, folder: Path) -> None:
+        private_folder(folder, "journal folder", create=False)  # no answers planted by others
         self._files = sorted(folder.glob(JOURNAL_GLOB)) if folder.is_dir() else []
         keys: list[bytes] = []
         places: list[tuple[int, int, int]] = []

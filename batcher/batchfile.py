@@ -29,6 +29,7 @@ import orjson
 from batcher.errors import ApiError
 from batcher.records import STATUS_ERROR, STATUS_OK, RowResult
 from batcher.redact import mask_key_shapes
+from batcher.safefiles import open_private, private_folder
 from batcher.structured import ReplyProblem, ReplySchema
 from batcher.wire import classify_error, one_line, parse_completion, server_text
 
@@ -68,7 +69,8 @@ class ShardWriter:
     """Cut request lines into files of at most ``max_requests`` lines and ``max_bytes``.
 
     Each file is written beside its final name and renamed when complete, so
-    a file on disk is always whole. ``add`` returns the shard it closed, if
+    a file on disk is always whole; the folder is made 0700 and each file 0600
+    (they hold every prompt). ``add`` returns the shard it closed, if
     adding the line closed one.
     """
 
@@ -93,9 +95,10 @@ class ShardWriter:
                           or self._size + len(line) > self._max_bytes):
             closed = self.close()
         if self._handle is None:
-            self._folder.mkdir(parents=True, exist_ok=True)
+            private_folder(self._folder, "batch work folder")
             self._temp = self._folder / f".shard-{os.urandom(6).hex()}.tmp"
-            self._handle = self._temp.open("wb")
+            self._handle = os.fdopen(open_private(self._temp, "batch file",
+                                                  os.O_WRONLY | os.O_EXCL), "wb")
         self._handle.write(line)
         self._ids.append(custom_id)
         self._size += len(line)

@@ -20,9 +20,11 @@ import orjson
 
 from batcher.batchwire import STATUS, is_safe_id, is_time
 from batcher.errors import CheckpointError, OutputError, fresh_option
+from batcher.safefiles import check_path, open_private, private_folder
 
 STATE_VERSION = 2  # 2: custom ids carry request keys, not request digests
 PLANNED, COLLECTED = "planned", "collected"
+WORK_FOLDER = "batch work folder"
 
 
 def work_folder(checkpoint_path: Path) -> Path:
@@ -131,8 +133,9 @@ class BatchState:
     @classmethod
     def load(cls, folder: Path, job_name: str) -> BatchState:
         path = folder / "state.json"
+        private_folder(folder, WORK_FOLDER, create=False)
         try:
-            data = orjson.loads(path.read_bytes())
+            data = orjson.loads(_read_private(path))
         except FileNotFoundError:
             return cls(folder, job_name)
         except (OSError, orjson.JSONDecodeError) as exc:
@@ -158,9 +161,10 @@ class BatchState:
         data = {"version": STATE_VERSION, "job": self.job_name,
                 "shards": [asdict(shard) for shard in self.shards]}
         temp = self.path.with_name(f".state.{os.getpid()}.tmp")
+        private_folder(self.folder, WORK_FOLDER)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with temp.open("wb") as handle:
+            fd = open_private(temp, "batch state", os.O_WRONLY | os.O_TRUNC)
+            with os.fdopen(fd, "wb") as handle:
                 handle.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -179,14 +183,23 @@ class BatchState:
 
     def discard(self) -> None:
         """The cycle is over: forget it (shard files included)."""
-        if not self.folder.exists():
+        if not self.folder.exists() and not self.folder.is_symlink():
             return
+        private_folder(self.folder, WORK_FOLDER, create=False)  # never empty a link's target
         for entry in self.folder.iterdir():
             with contextlib.suppress(OSError):
                 entry.unlink()
         with contextlib.suppress(OSError):
             self.folder.rmdir()
         self.shards = []
+
+
+def _read_private(path: Path) -> bytes:
+    """A file of the work folder, read only when it is ours and others may not write it."""
+    check_path(path, "batch state", private=True)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
 
 
 def forget_state(checkpoint_path: Path) -> int:

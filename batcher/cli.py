@@ -233,7 +233,9 @@ def validate(job_file: Path) -> None:
 @click.option("--latency", "latency_s", type=click.FloatRange(min=0), default=0.0,
               show_default=True, help="Seconds before each reply.")
 @click.option("--api-key-env", metavar="VAR",
-              help="Require the key held in this environment variable.")
+              help="Require the key held in this environment variable. Without it any key "
+                   "is accepted, but the Files and Batches API still needs one: each file is "
+                   "served only to the key that uploaded it.")
 @click.option("--rpm", type=click.IntRange(min=1), help="Enforce a requests-per-minute limit.")
 @click.option("--tpm", type=click.IntRange(min=1), help="Enforce a tokens-per-minute limit.")
 @click.option("--window", "window_s", type=click.FloatRange(min=0.001), default=60.0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ import orjson
 from batcher.batchwire import Batch, Page, parse_batch, parse_page, safe_id
 from batcher.errors import ApiError, ConfigError, Verdict
 from batcher.redact import MASK, Redactor, redact_url
+from batcher.safefiles import open_private
 from batcher.wire import (
     MAX_LABEL_CHARS,
     Completion,
@@ -239,7 +241,9 @@ class BatchClient:
         """Stream a file's content to ``dest`` (whole or not at all)."""
         temp = dest.with_name(f".{dest.name}.part")
         try:
-            with temp.open("wb") as handle:
+            # 0600 and never through a link: the answers are as private as the checkpoint.
+            with os.fdopen(open_private(temp, "download", os.O_WRONLY | os.O_TRUNC), "wb"
+                           ) as handle:
                 await self._call("GET", f"files/{_segment(file_id)}/content", sink=handle,
                                  transfer=True)
             temp.replace(dest)

@@ -304,11 +304,14 @@ class Job(_Spec):
             raise ValueError(f"params.{reserved[0]}: is set by batcher and cannot be overridden")
         if self.output is not None:
             if self.output.path.resolve() == self.input.path.resolve():
-                raise ValueError("output.path: must not be the input file")
+                raise ValueError(f"output.path: must not be the input file "
+                                 f"({self.output.path} is the input {self.input.path})")
             if self.output.checkpoint_path.resolve() in (
                 self.input.path.resolve(), self.output.path.resolve()
             ):
-                raise ValueError("output.checkpoint: must differ from the input and results files")
+                raise ValueError(f"output.checkpoint: must differ from the input and results "
+                                 f"files ({self.output.checkpoint_path} is the input "
+                                 f"{self.input.path} or the results {self.output.path})")
         if self.mode == "batch" and self.endpoint.azure is not None:
             raise ValueError("mode: batch needs an OpenAI-style base_url (for Azure, its "
                              "/openai/v1 API), not endpoint.azure")

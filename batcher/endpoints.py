@@ -3,8 +3,9 @@
 The key is read from the environment variable the job names, here and
 nowhere else; it is handed on only inside ``Endpoint.headers`` and to the
 ``Redactor`` that scrubs it from every message. The built-in mock
-(``endpoint.mock``) gets no key at all: it is a demo server anyone on the
-machine can query.
+(``endpoint.mock``) never gets the job's key: it gets a key made up for the
+run (``mock_key``), so the prompts a batch-mode run uploads to it are served
+to this run only.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost
 
 
 def resolve_endpoint(spec: EndpointSpec, *, base_url: str | None = None,
-                     environ: Mapping[str, str] | None = None) -> tuple[Endpoint, Redactor]:
+                     environ: Mapping[str, str] | None = None,
+                     mock_key: str | None = None) -> tuple[Endpoint, Redactor]:
     """The endpoint to call and a redactor that knows its secret.
 
     ``base_url`` overrides the spec's (used when batcher starts its own mock
-    server on a port it picks).
+    server on a port it picks); ``mock_key`` is the key of that server, sent
+    instead of the job's.
     """
     environ = os.environ if environ is None else environ
     root = (base_url or spec.base_url or "").rstrip("/")
     proxy = proxy_for(root)
-    key: str | None = None
+    key: str | None = mock_key if spec.mock is not None else None
     if spec.api_key_env is not None and spec.mock is None:
         key = environ.get(spec.api_key_env, "").strip()
         if not key:

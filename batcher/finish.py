@@ -33,7 +33,9 @@ import numpy as np
 import orjson
 
 from batcher.checkpoint import Checkpoint
+from batcher.errors import OutputError
 from batcher.inputscan import typed_columns
+from batcher.jobpaths import stamp_path
 from batcher.keys import request_identity
 from batcher.outputs import NO_OUTCOME, ResultLayout, write_results
 from batcher.pipeline import batch_keys
@@ -49,6 +51,7 @@ from batcher.records import (
     STATUS_OK,
     RowResult,
 )
+from batcher.safefiles import write_private
 from batcher.tally import Tally
 
 _INPUT_ERROR = {"status": STATUS_ERROR, "error_class": INPUT_ERROR_CLASS}
@@ -79,11 +82,11 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
     checkpoint and ``sent`` when after.
     """
     path = results_destination(prepared)
-    stamp_path = checkpoint.path.with_name(checkpoint.path.name + ".written")
+    stamped = stamp_path(checkpoint.path)
     stamp = _stamp(prepared, checkpoint)
     renderer = prepared.renderer()
     remade = batch_keys(prepared.batches(), prepared.job, renderer)
-    stamps = _read_stamps(stamp_path)
+    stamps = _read_stamps(stamped)
     if stamps.get(str(path)) == {**stamp, **_file_identity(path)}:
         # The store did not grow since the file was written: nothing was sent now.
         rows = prepared.row_count
@@ -124,7 +127,7 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
     # One stamp per results file: a --limit sample written beside the results does
     # not make the full results look stale.
     stamps[str(path)] = {**stamp, **_file_identity(path)}
-    _write_stamps(stamp_path, stamps)
+    _write_stamps(stamped, stamps)
     return Written(path, rows, failed, tally=tally)
 
 
@@ -193,5 +196,5 @@ def _read_stamps(path: Path) -> dict[str, Any]:
 def _write_stamps(path: Path, stamps: dict[str, Any]) -> None:
     """Best effort, and small enough for one write: a stamp torn by a kill, or none,
     only means the next run writes the results again."""
-    with contextlib.suppress(OSError):
-        path.write_bytes(orjson.dumps(stamps))
+    with contextlib.suppress(OSError, OutputError):
+        write_private(path, orjson.dumps(stamps), "results stamp")

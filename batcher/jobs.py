@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -11,17 +12,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from batcher.batchmode import BatchRun, describe_plan, plan_shards
-from batcher.batchstate import forget_state
+from batcher.batchstate import forget_state, work_folder
 from batcher.checkpoint import Checkpoint, lock_path_for, verify_checkpoint
 from batcher.client import ChatClient, Endpoint
 from batcher.config import Job
 from batcher.endpoints import resolve_endpoint
 from batcher.errors import CheckpointError, OutputError
+from batcher.jobpaths import check_input_apart
 from batcher.mock_server import MockConfig, MockServer
 from batcher.preflight import Estimate, Prepared, estimate, prepare
 from batcher.redact import Redactor, printable
 from batcher.runner import Run, RunOptions, RunReport, Runtime
-from batcher.safefiles import check_path
+from batcher.safefiles import check_path, private_folder
 
 SIMULATED_NOTICE = ("using batcher's built-in mock server (endpoint.mock): replies are simulated, "
                     "no real model is called")
@@ -97,6 +99,7 @@ def check_job(job: Job, limit: int | None = None, environ: Mapping[str, str] | N
     columns, the key's variable, where the key may travel (plain http, proxies), and
     the results, checkpoint and lock paths, and that an existing checkpoint is this
     job's (with ``fresh``: is a checkpoint at all). Raises a ``BatcherError`` (exit 2)."""
+    check_input_apart(job, [job.input.path])
     prepared = prepare(job, limit, allow_empty=allow_empty)
     if job.endpoint.mock is None:
         resolve_endpoint(job.endpoint, environ=environ)
@@ -106,6 +109,7 @@ def check_job(job: Job, limit: int | None = None, environ: Mapping[str, str] | N
         check_path(job.output.path, "results file", private=False)
         check_path(checkpoint, "checkpoint", private=True)
         check_path(lock_path_for(checkpoint), "lock file", private=True)
+        private_folder(work_folder(checkpoint), "batch work folder", create=False)
         verify_checkpoint(checkpoint, fresh)
     return prepared
 
@@ -118,8 +122,11 @@ def endpoint_for(job: Job, environ: Mapping[str, str] | None = None
     if mock is None:
         yield resolve_endpoint(job.endpoint, environ=environ)
         return
-    with MockServer(MockConfig(latency_s=mock.latency_s, seed=mock.seed)) as server:
-        yield resolve_endpoint(job.endpoint, base_url=server.base_url, environ=environ)
+    # A key made up for the run: the Files API serves uploaded prompts to their key only.
+    key = f"sk-mock-{secrets.token_hex(16)}"
+    with MockServer(MockConfig(latency_s=mock.latency_s, seed=mock.seed, api_key=key)) as server:
+        yield resolve_endpoint(job.endpoint, base_url=server.base_url, environ=environ,
+                               mock_key=key)
 
 
 def check_output_folder(folder: Path) -> None:

@@ -47,6 +47,7 @@ import os
 import random
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -77,6 +78,7 @@ from batcher.errors import (
 )
 from batcher.inputs import id_strings
 from batcher.jobload import job_from_dict, read_job_file
+from batcher.jobpaths import check_input_apart, journal_folder, results_folder
 from batcher.keys import RowKeys
 from batcher.leases import ClusterLimit, Feedback, Lease, LeasedLimiter
 from batcher.mock_server import MockConfig, MockServer
@@ -94,8 +96,9 @@ from batcher.records import (
 )
 from batcher.retry import FailureStreak
 from batcher.runner import RunReport, first_cause
+from batcher.safefiles import open_private, private_folder
 
-__all__ = ["RayOptions", "run_dataset", "run_job_on_ray"]
+__all__ = ["RayOptions", "journal_folder", "results_folder", "run_dataset", "run_job_on_ray"]
 
 WORKER_CPUS = 0.5  # a worker waits on the network; half a CPU leaves room for reading
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
@@ -112,7 +115,7 @@ class RayOptions:
 
     workers: int = 2
     batch_rows: int = 200
-    address: str | None = None  # None: RAY_ADDRESS, or a local Ray started for the run
+    address: str | None = None  # None: RAY_ADDRESS, or a private local Ray for the run
 
 
 # -- the limit's actor ---------------------------------------------------------------------------
@@ -451,6 +454,12 @@ def _input_location(raw: str, base_dir: Path, source: str) -> tuple[str | list[s
     return str(local), _kind(str(local), source, raw)
 
 
+def _local_files(location: str | list[str]) -> list[Path]:
+    """The input's files on this machine (none for a URI)."""
+    names = [location] if isinstance(location, str) else location
+    return [Path(name).resolve() for name in names if "://" not in name]
+
+
 def _kind(name: str, source: str, raw: str) -> str:
     kind = FORMATS.get(Path(name).suffix.lower())
     if kind is None:
@@ -470,20 +479,6 @@ def _read(ray_job: RayJob, workers: int) -> ray.data.Dataset:
     return dataset.repartition(4 * workers) if isinstance(ray_job.location, str) else dataset
 
 
-def journal_folder(job: Job) -> Path:
-    """Where a job run on Ray journals its rows: beside the one-machine checkpoint."""
-    assert job.output is not None
-    checkpoint = job.output.checkpoint_path
-    return checkpoint.with_name(checkpoint.name + ".ray")
-
-
-def results_folder(job: Job) -> Path:
-    """Where a job run on Ray writes its results: a folder of Parquet files named
-    after ``output.path`` (``results.csv`` becomes ``results.parquet/``)."""
-    assert job.output is not None
-    return job.output.path.with_suffix(".parquet")
-
-
 def run_job_on_ray(path: Path, *, fresh: bool = False, progress: bool = True,
                    options: RayOptions | None = None,
                    environ: Mapping[str, str] | None = None) -> tuple[Job, RunReport]:
@@ -494,6 +489,7 @@ def run_job_on_ray(path: Path, *, fresh: bool = False, progress: bool = True,
     job = ray_job.job
     assert job.output is not None
     _check_ray_settings(job, str(path))
+    check_input_apart(job, _local_files(ray_job.location))
     if job.endpoint.mock is None:
         resolve_endpoint(job.endpoint, environ=environ)  # a missing key: exit 2, nothing started
     folder = journal_folder(job)
@@ -501,22 +497,14 @@ def run_job_on_ray(path: Path, *, fresh: bool = False, progress: bool = True,
         if fresh:
             for old in folder.glob("journal-*.jsonl"):
                 old.unlink()
-        started = _start_ray(options.address)
-        try:
+        with _ray_for(options.address):
             return job, _drive(ray_job, base_url, folder, options, progress)
-        finally:
-            if started:
-                ray.shutdown()
 
 
 @contextlib.contextmanager
 def _run_lock(folder: Path) -> Iterator[None]:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the journal folder ({exc.strerror})"
-                          ) from None
+    private_folder(folder, "journal folder")
+    fd = open_private(folder / ".lock", "lock file")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -538,19 +526,43 @@ def _mock_for(job: Job) -> Iterator[str | None]:
         yield server.base_url
 
 
-def _start_ray(address: str | None) -> bool:
-    """Join the cluster (or start a local Ray); False when this process already had Ray."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
-                 include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                 configure_logging=False)
+@contextlib.contextmanager
+def _ray_for(address: str | None) -> Iterator[None]:
+    """Ray for the run: this process's, if it already has one; the cluster the user
+    names (``--ray-address``, then ``RAY_ADDRESS``); otherwise a private local Ray.
+
+    Left to itself, ``ray.init()`` joins the cluster named by the address file in
+    Ray's temp folder (``/tmp/ray``, which Ray makes writable by every user), so
+    another user could point batcher at their cluster and see every prompt. A local
+    Ray is started in a temp folder of its own (0700, removed afterwards), and asked
+    for with ``address="local"``, which reads no address file.
+    """
+    if ray.is_initialized():
+        _quiet_ray()
+        yield
+        return
+    named = address or os.environ.get("RAY_ADDRESS") or None
+    private = None if named else tempfile.mkdtemp(
+        prefix="bray-", dir=os.environ.get("RAY_TMPDIR") or None)  # short: Ray's socket paths
+    try:
+        ray.init(address=named or "local", _temp_dir=private, include_dashboard=False,
+                 logging_level=logging.ERROR, log_to_driver=False, configure_logging=False)
+        _quiet_ray()
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _quiet_ray() -> None:
     for name in ("ray", "ray.data"):  # Ray's own progress and errors: batcher reports its own
         logging.getLogger(name).setLevel(logging.CRITICAL)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    return started
 
 
 def _drive(ray_job: RayJob, base_url: str | None, folder: Path, options: RayOptions,

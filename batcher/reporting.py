@@ -26,8 +26,9 @@ import pandas as pd
 from batcher import charts
 from batcher.errors import ConfigError, DataError
 from batcher.jobload import load_job
+from batcher.jobpaths import summary_path
 from batcher.records import RESULT_COLUMNS, STATUS_OK
-from batcher.summary import summary_path
+from batcher.safefiles import write_private
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -108,10 +109,8 @@ class Report:
 
     def write(self, path: str | Path) -> Path:
         target = Path(path)
-        try:
-            target.write_text(self.to_html(), encoding="utf-8")
-        except OSError as exc:
-            raise DataError(f"{target}: cannot write the report ({exc.strerror})") from None
+        # It shows rows, errors and costs: private (0600), and never written through a link.
+        write_private(target, self.to_html().encode(), "report")
         return target
 
 

@@ -7,10 +7,19 @@ also refused when others may write them (anyone could have planted or
 altered their content). The checkpoint holds every prompt and reply: it is
 created 0600, and one of ours that others may read is narrowed to 0600
 once batcher knows it is a checkpoint.
+
+Every other file batcher makes follows the same rules: the folders it keeps
+beside the checkpoint (the batch work folder, the Ray journals) are made
+0700 by :func:`private_folder`, which refuses a link, another user's folder
+and a folder others may write (they could plant, swap or delete what is
+in it); files are opened by :func:`open_private` (0600, never through a
+link) or replaced whole by :func:`write_private` (the report, the summary,
+the results stamp).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -62,6 +71,71 @@ def _check_stat(path: Path, what: str, info: os.stat_result, *, private: bool) -
             f"{path}: other users may write the {what} (mode {stat.S_IMODE(info.st_mode):04o}), "
             "so its content cannot be trusted; delete it, or run chmod 600 on it if you "
             "know it is yours")
+
+
+def private_folder(path: Path, what: str, *, create: bool = True) -> None:
+    """Make (mode 0700) or check a folder that only batcher's files go in.
+
+    Refused: a symbolic link, not a folder, another user's folder, one that others
+    may write. One of ours that others may only read or enter (made by an older
+    batcher with a umask of 022) is narrowed to 0700. With ``create`` false, a
+    missing folder is left missing.
+    """
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                path.mkdir(mode=0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if create:
+            raise OutputError(f"{path}: cannot create the {what}") from None
+        return
+    except OSError as exc:
+        if path.is_symlink():
+            _refuse_link(path, what)
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{path}: the {what} path exists and is not a folder") from None
+        raise OutputError(f"{path}: cannot use it as the {what} ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise OutputError(f"{path}: the {what} belongs to another user (uid "
+                              f"{info.st_uid}); batcher only uses its own folders: delete it "
+                              "or choose another output.checkpoint")
+        if info.st_mode & _WRITABLE_BY_OTHERS:
+            raise OutputError(
+                f"{path}: other users may write the {what} (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}), so they could plant, swap or delete its "
+                "files; delete it, or run chmod 700 on it if you know its files are yours")
+        if info.st_mode & _OPEN_TO_OTHERS:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def write_private(path: Path, data: bytes, what: str) -> None:
+    """Replace ``path`` whole with ``data``, mode 0600, never writing through a link.
+
+    The bytes go to a temporary file beside ``path`` (created exclusively, so a
+    file or link planted under its name is never opened) that is renamed over it;
+    ``path`` itself is refused when it is a link, not a regular file or not ours.
+    """
+    check_path(path, what, private=False)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the {what} ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        temp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise OutputError(f"{path}: cannot write the {what} ({exc.strerror})") from None
 
 
 def make_private(fd: int) -> None:

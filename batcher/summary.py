@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from batcher.config import Job
+from batcher.errors import OutputError
+from batcher.jobpaths import summary_path
 from batcher.pricing import NoPrice, Price
 from batcher.runner import RunReport
+from batcher.safefiles import write_private
 
 SCHEMA_VERSION = 1
-SUMMARY_SUFFIX = ".summary.json"
-
-
-def summary_path(results: Path) -> Path:
-    """Where a run's JSON summary goes: beside its results, ``NAME.summary.json``."""
-    return results.with_name(results.stem + SUMMARY_SUFFIX)
 
 
 def summarize_run(job: Job, report: RunReport, elapsed_s: float) -> Summary:
@@ -30,17 +25,13 @@ def summarize_run(job: Job, report: RunReport, elapsed_s: float) -> Summary:
     summary = Summary.of(job, report, elapsed_s)
     if report.results_path is not None:
         target = summary_path(report.results_path)
-        temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            # Each run writes its own temp (named by pid): others are leftovers of
-            # runs killed while writing.
+        # Temps are named by pid and a random part: others are leftovers of runs killed
+        # while writing (ours are never links: the glob sees names, unlink removes names).
+        with contextlib.suppress(OSError, OutputError):
             for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
                 stale.unlink(missing_ok=True)
-            temp.write_bytes(orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
-            temp.replace(target)
-        except OSError:
-            with contextlib.suppress(OSError):
-                temp.unlink()
+            write_private(target, orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2),
+                          "run summary")
     return summary
 
 

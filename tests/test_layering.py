@@ -39,7 +39,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
     ("inputs", "inputscan", "outputs", "checkpoint", "keyindex", "journal", "prompts", "retry",
      "limits", "client", "endpoints", "progress", "batchfile", "batchstate", "tokens", "keys",
-     "schema_columns", "charts", "leases", "answers", "unsettled"),
+     "schema_columns", "charts", "leases", "answers", "unsettled", "jobpaths"),
     # the row pipeline and the runs around it (online, batch): checks before, the results write
     ("pipeline", "preflight", "finish", "runner", "batchmode"),
     # a validated job run end to end, its summary, status and report: what the CLI and the

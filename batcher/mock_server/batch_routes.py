@@ -5,10 +5,16 @@
 ``GET /v1/files/{id}`` and ``/content``, ``POST /v1/batches``,
 ``GET /v1/batches`` (newest first, ``limit``/``after``), ``GET
 /v1/batches/{id}`` and ``POST /v1/batches/{id}/cancel``.
+
+Uploaded files hold prompts, so every call needs a key, even on a server
+started without one (which then accepts any key): files and batches belong
+to the key that made them, and no other key, and no request without a key,
+can read, list or use them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -49,12 +55,21 @@ def _problem(problem: ApiProblem) -> web.Response:
     return _json(problem.status, problem.body)
 
 
-def _refused(request: web.Request) -> web.Response | None:
+NO_KEY_MESSAGE = ("You didn't provide an API key. The Files and Batches API needs one even "
+                  "on a server started without a key (any key then): each file and batch is "
+                  "served only to the key that made it.")
+
+
+def _owner(request: web.Request) -> str | web.Response:
+    """Who is calling (a hash of the key sent), or the 401 that refuses the call."""
     context = request.app[BATCHES]
     ok, sent = context.check_key(request.headers, request.query)
-    if ok:
-        return None
-    return _json(401, invalid_key_body(sent, echo=context.config.echo_key_in_errors))
+    if not ok:
+        return _json(401, invalid_key_body(sent, echo=context.config.echo_key_in_errors))
+    if not sent:
+        return _json(401, error_body(NO_KEY_MESSAGE, "invalid_request_error", None,
+                                     "missing_api_key"))
+    return hashlib.sha256(sent.encode()).hexdigest()
 
 
 async def _delay(request: web.Request, seconds: float) -> bool:
@@ -69,8 +84,9 @@ async def _delay(request: web.Request, seconds: float) -> bool:
 
 
 async def _upload(request: web.Request) -> web.StreamResponse:
-    if (refused := _refused(request)) is not None:
-        return refused
+    owner = _owner(request)
+    if isinstance(owner, web.Response):
+        return owner
     context = request.app[BATCHES]
     try:
         reader = await request.multipart()
@@ -107,7 +123,7 @@ async def _upload(request: web.Request) -> web.StreamResponse:
             f"File is too large: the Batch API accepts files of at most {limit} bytes.",
             "invalid_request_error", "file", "file_too_large"))
     try:
-        stored = context.store.add_file(filename, purpose, bytes(content), time.time())
+        stored = context.store.add_file(filename, purpose, bytes(content), time.time(), owner)
     except ApiProblem as problem:
         return _problem(problem)
     if await _delay(request, context.config.upload_latency_s):
@@ -116,21 +132,23 @@ async def _upload(request: web.Request) -> web.StreamResponse:
 
 
 async def _file(request: web.Request) -> web.Response:
-    if (refused := _refused(request)) is not None:
-        return refused
+    owner = _owner(request)
+    if isinstance(owner, web.Response):
+        return owner
     try:
-        stored = request.app[BATCHES].store.file(request.match_info["file_id"])
+        stored = request.app[BATCHES].store.file(request.match_info["file_id"], owner)
     except ApiProblem as problem:
         return _problem(problem)
     return _json(200, stored.describe())
 
 
 async def _file_content(request: web.Request) -> web.Response:
-    if (refused := _refused(request)) is not None:
-        return refused
+    owner = _owner(request)
+    if isinstance(owner, web.Response):
+        return owner
     context = request.app[BATCHES]
     try:
-        stored = context.store.file(request.match_info["file_id"])
+        stored = context.store.file(request.match_info["file_id"], owner)
     except ApiProblem as problem:
         return _problem(problem)
     context.store.stats.count("file_downloads")
@@ -140,15 +158,16 @@ async def _file_content(request: web.Request) -> web.Response:
 
 
 async def _create(request: web.Request) -> web.Response:
-    if (refused := _refused(request)) is not None:
-        return refused
+    owner = _owner(request)
+    if isinstance(owner, web.Response):
+        return owner
     context = request.app[BATCHES]
     try:
         payload = json.loads(await request.read())
     except ValueError:
         payload = None
     try:
-        batch = context.store.create(payload, time.time())
+        batch = context.store.create(payload, time.time(), owner)
     except ApiProblem as problem:
         return _problem(problem)
     if await _delay(request, context.config.create_latency_s):
@@ -157,18 +176,21 @@ async def _create(request: web.Request) -> web.Response:
 
 
 async def _retrieve(request: web.Request) -> web.Response:
-    if (refused := _refused(request)) is not None:
-        return refused
+    owner = _owner(request)
+    if isinstance(owner, web.Response):
+        return owner
     try:
-        batch = request.app[BATCHES].store.get(request.match_info["batch_id"], time.time())
+        batch = request.app[BATCHES].store.get(request.match_info["batch_id"], time.time(),
+                                                owner)
     except ApiProblem as problem:
         return _problem(problem)
     return _json(200, batch.describe())
 
 
 async def _list(request: web.Request) -> web.Response:
-    if (refused := _refused(request)) is not None:
-        return refused
+    owner = _owner(request)
+    if isinstance(owner, web.Response):
+        return owner
     raw_limit = request.query.get("limit", "20")
     try:
         limit = int(raw_limit)
@@ -178,15 +200,18 @@ async def _list(request: web.Request) -> web.Response:
         return _json(400, error_body(f"Invalid 'limit': expected 1..{_MAX_LIST_LIMIT}, got "
                                      f"{raw_limit!r}.", "invalid_request_error", "limit",
                                      "invalid_value"))
-    listing = request.app[BATCHES].store.listing(limit, request.query.get("after"), time.time())
+    listing = request.app[BATCHES].store.listing(limit, request.query.get("after"), time.time(),
+                                                 owner)
     return _json(200, listing)
 
 
 async def _cancel(request: web.Request) -> web.Response:
-    if (refused := _refused(request)) is not None:
-        return refused
+    owner = _owner(request)
+    if isinstance(owner, web.Response):
+        return owner
     try:
-        batch = request.app[BATCHES].store.cancel(request.match_info["batch_id"], time.time())
+        batch = request.app[BATCHES].store.cancel(request.match_info["batch_id"], time.time(),
+                                                   owner)
     except ApiProblem as problem:
         return _problem(problem)
     return _json(200, batch.describe())

@@ -14,6 +14,10 @@ A cancel moves an unfinished batch to ``cancelling`` and, a phase later, to
 ``cancelled`` with the first half of its lines answered and the rest in
 neither file.
 
+Every file and batch belongs to the key that made it (an ``owner``: a hash
+of the key, never the key): another key is told it does not exist, so a
+server that accepts any key still serves a user's prompts to that user only.
+
 Longer than most modules because :class:`BatchStore` is one state machine:
 the calls, the clock-driven phases and the answering of lines all act on the
 same files and batches.
@@ -65,6 +69,7 @@ class StoredFile:
     purpose: str
     content: bytes
     created_at: int
+    owner: str
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "object": "file", "bytes": len(self.content),
@@ -79,6 +84,7 @@ class Batch:
     endpoint: str
     metadata: dict[str, str] | None
     created: float
+    owner: str
     status: str = "validating"
     times: dict[str, int | None] = field(default_factory=dict)
     phase_started: float = 0.0
@@ -122,26 +128,27 @@ class BatchStore:
 
     # -- files ------------------------------------------------------------------------------
 
-    def add_file(self, filename: str, purpose: str, content: bytes, now: float) -> StoredFile:
+    def add_file(self, filename: str, purpose: str, content: bytes, now: float,
+                 owner: str) -> StoredFile:
         if purpose not in FILE_PURPOSES:
             raise ApiProblem(400, f"'{purpose}' is not one of {sorted(FILE_PURPOSES)} - "
                              "'purpose'", "purpose", "invalid_value")
         if purpose == "batch" and not filename.endswith(".jsonl"):
             raise ApiProblem(400, "The Batch API only supports .jsonl files.", "file")
-        stored = StoredFile(_new_id("file-"), filename, purpose, content, int(now))
+        stored = StoredFile(_new_id("file-"), filename, purpose, content, int(now), owner)
         self.files[stored.id] = stored
         self.stats.count("files_uploaded")
         return stored
 
-    def file(self, file_id: str) -> StoredFile:
+    def file(self, file_id: str, owner: str) -> StoredFile:
         stored = self.files.get(file_id)
-        if stored is None:
+        if stored is None or stored.owner != owner:
             raise ApiProblem(404, f"No such File object: {file_id}", "id")
         return stored
 
     # -- batches ----------------------------------------------------------------------------
 
-    def create(self, request: Any, now: float) -> Batch:
+    def create(self, request: Any, now: float, owner: str) -> Batch:
         if not isinstance(request, dict):
             raise ApiProblem(400, "We could not parse the JSON body of your request.")
         file_id = request.get("input_file_id")
@@ -163,27 +170,29 @@ class BatchStore:
                              "completion_window", "invalid_value")
         _check_metadata(metadata)
         stored = self.files.get(file_id)
-        if stored is None:
+        if stored is None or stored.owner != owner:
             raise ApiProblem(400, f"No such File object: {file_id}", "input_file_id")
         if stored.purpose != "batch":
             raise ApiProblem(400, f"File {file_id} has purpose '{stored.purpose}'; a batch "
                              "needs purpose 'batch'.", "input_file_id")
-        batch = Batch(_new_id("batch_"), file_id, endpoint, metadata, now, phase_started=now)
+        batch = Batch(_new_id("batch_"), file_id, endpoint, metadata, now, owner,
+                      phase_started=now)
         batch.times["expires_at"] = int(now) + WINDOW_S
         self.batches[batch.id] = batch
         self.stats.count("batches_created")
         return batch
 
-    def get(self, batch_id: str, now: float) -> Batch:
+    def get(self, batch_id: str, now: float, owner: str) -> Batch:
         batch = self.batches.get(batch_id)
-        if batch is None:
+        if batch is None or batch.owner != owner:
             raise ApiProblem(404, f"No batch found with id '{batch_id}'.", "batch_id")
         self._advance(batch, now)
         return batch
 
-    def listing(self, limit: int, after: str | None, now: float) -> dict[str, Any]:
-        """Newest first, as ``GET /v1/batches`` pages them."""
-        ordered = sorted(self.batches.values(), key=lambda b: b.created, reverse=True)
+    def listing(self, limit: int, after: str | None, now: float, owner: str) -> dict[str, Any]:
+        """The owner's batches newest first, as ``GET /v1/batches`` pages them."""
+        ordered = sorted((b for b in self.batches.values() if b.owner == owner),
+                         key=lambda b: b.created, reverse=True)
         if after is not None:
             ids = [b.id for b in ordered]
             ordered = ordered[ids.index(after) + 1:] if after in ids else []
@@ -196,8 +205,8 @@ class BatchStore:
                 "last_id": data[-1]["id"] if data else None,
                 "has_more": len(ordered) > limit}
 
-    def cancel(self, batch_id: str, now: float) -> Batch:
-        batch = self.get(batch_id, now)
+    def cancel(self, batch_id: str, now: float, owner: str) -> Batch:
+        batch = self.get(batch_id, now, owner)
         if batch.status not in ("validating", "in_progress"):
             raise ApiProblem(409, f"Cannot cancel a batch with status '{batch.status}'.")
         batch.status = "cancelling"
@@ -331,7 +340,7 @@ class BatchStore:
     def _output_file(self, batch: Batch, kind: str, lines: list[bytes], now: float
                      ) -> StoredFile:
         stored = StoredFile(_new_id("file-"), f"batch_{batch.id}_{kind}.jsonl", "batch_output",
-                            b"".join(lines), int(now))
+                            b"".join(lines), int(now), batch.owner)
         self.files[stored.id] = stored
         return stored
 
