@@ -59,7 +59,6 @@ from batcher.batchstate import (
     custom_id,
     key_of,
     position_of,
-    work_folder,
 )
 from batcher.batchwire import Batch, shown
 from batcher.checkpoint import Checkpoint
@@ -71,6 +70,7 @@ from batcher.errors import (
     Verdict,
 )
 from batcher.finish import write_results_file
+from batcher.jobpaths import work_folder
 from batcher.keys import shared_digest
 from batcher.pipeline import Sender, row_cost, row_request
 from batcher.preflight import Prepared

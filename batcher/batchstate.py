@@ -20,16 +20,12 @@ import orjson
 
 from batcher.batchwire import STATUS, is_safe_id, is_time
 from batcher.errors import CheckpointError, OutputError, fresh_option
+from batcher.jobpaths import work_folder
 from batcher.safefiles import check_path, open_private, private_folder
 
 STATE_VERSION = 2  # 2: custom ids carry request keys, not request digests
 PLANNED, COLLECTED = "planned", "collected"
 WORK_FOLDER = "batch work folder"
-
-
-def work_folder(checkpoint_path: Path) -> Path:
-    """Where a job's batch state and shard files live: beside its checkpoint."""
-    return checkpoint_path.with_name(checkpoint_path.name + ".batch")
 
 
 def custom_id(position: int, key: bytes) -> str:

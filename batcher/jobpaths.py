@@ -27,7 +27,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from batcher.batchstate import work_folder
 from batcher.checkpoint import lock_path_for
 from batcher.config import Job
 from batcher.errors import ConfigError
@@ -43,6 +42,11 @@ def summary_path(results: Path) -> Path:
 def stamp_path(checkpoint: Path) -> Path:
     """What the last results write was made from (``batcher.finish``)."""
     return checkpoint.with_name(checkpoint.name + ".written")
+
+
+def work_folder(checkpoint_path: Path) -> Path:
+    """Where a job's batch state and shard files live: beside its checkpoint."""
+    return checkpoint_path.with_name(checkpoint_path.name + ".batch")
 
 
 def journal_folder(job: Job) -> Path:

@@ -12,13 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from batcher.batchmode import BatchRun, describe_plan, plan_shards
-from batcher.batchstate import forget_state, work_folder
+from batcher.batchstate import forget_state
 from batcher.checkpoint import Checkpoint, lock_path_for, verify_checkpoint
 from batcher.client import ChatClient, Endpoint
 from batcher.config import Job
 from batcher.endpoints import resolve_endpoint
 from batcher.errors import CheckpointError, OutputError
-from batcher.jobpaths import check_input_apart
+from batcher.jobpaths import check_input_apart, work_folder
 from batcher.mock_server import MockConfig, MockServer
 from batcher.preflight import Estimate, Prepared, estimate, prepare
 from batcher.redact import Redactor, printable
