@@ -21,13 +21,13 @@ import orjson
 from batcher import __version__, jobs
 from batcher.config import Job
 from batcher.errors import BatcherError, ConfigError
-from batcher.inputs import return_freed_memory
+from batcher.io.inputs import return_freed_memory
 from batcher.jobload import load_job
 from batcher.jobs import SIMULATED_NOTICE
 from batcher.mock_server import MockConfig, serve_forever
+from batcher.online.runner import RunOptions, RunReport
 from batcher.redact import printable
-from batcher.runner import RunOptions, RunReport
-from batcher.summary import SCHEMA_VERSION, summarize_run
+from batcher.reporting.summary import SCHEMA_VERSION, summarize_run
 
 T = TypeVar("T")
 JOB_ARGUMENT = click.argument("job_file", metavar="JOB.yaml",
@@ -179,7 +179,7 @@ def status(job_file: Path, as_json: bool) -> None:
     taken, nothing is written), so it works from another terminal while the
     job runs, and after it stopped.
     """
-    from batcher.status import job_status
+    from batcher.reporting.status import job_status
 
     figures = _report_errors(lambda: job_status(load_job(job_file)))
     if as_json:
@@ -197,7 +197,7 @@ def report(source: Path, output: Path | None) -> None:
     """Write a self-contained HTML report of a finished run: totals and cost,
     throughput against the limit, latency, tokens per row, errors, the
     slowest and most expensive rows (needs: pip install 'batcher[report]')."""
-    from batcher.reporting import report_for
+    from batcher.reporting.page import report_for
 
     def write() -> Path:
         built = report_for(source)

@@ -11,19 +11,19 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from batcher.batchmode import BatchRun, describe_plan, plan_shards
-from batcher.batchstate import forget_state
-from batcher.checkpoint import Checkpoint, lock_path_for, verify_checkpoint
-from batcher.client import ChatClient, Endpoint
+from batcher.batch.cycle import BatchRun, describe_plan, plan_shards
+from batcher.batch.state import forget_state
 from batcher.config import Job
-from batcher.endpoints import resolve_endpoint
 from batcher.errors import CheckpointError, OutputError
-from batcher.jobpaths import check_input_apart, work_folder
+from batcher.io.safefiles import check_path, private_folder
 from batcher.mock_server import MockConfig, MockServer
-from batcher.preflight import Estimate, Prepared, estimate, prepare
+from batcher.online.runner import Run, RunOptions, RunReport, Runtime
+from batcher.plan.paths import check_input_apart, work_folder
+from batcher.plan.preflight import Estimate, Prepared, estimate, prepare
 from batcher.redact import Redactor, printable
-from batcher.runner import Run, RunOptions, RunReport, Runtime
-from batcher.safefiles import check_path, private_folder
+from batcher.store.checkpoint import Checkpoint, lock_path_for, verify_checkpoint
+from batcher.transport.client import ChatClient, Endpoint
+from batcher.transport.endpoints import resolve_endpoint
 
 SIMULATED_NOTICE = ("using batcher's built-in mock server (endpoint.mock): replies are simulated, "
                     "no real model is called")

@@ -19,7 +19,7 @@ import orjson
 
 from batcher.config import PromptSpec
 
-if TYPE_CHECKING:  # record batches come from batcher.inputs; pyarrow is its concern
+if TYPE_CHECKING:  # record batches come from batcher.io.inputs; pyarrow is its concern
     import pyarrow as pa
 
 # OpenAI counts TPM from "the character count of your request"; ~4 characters

@@ -58,9 +58,9 @@ def edit_every(path: Path, every: int) -> int:
 
 def decide_in_process(job_path: Path) -> tuple[float, float, int]:
     """Seconds to open the checkpoint, seconds to key and look up every row, rows to send."""
-    from batcher.checkpoint import Checkpoint
     from batcher.jobload import load_job
-    from batcher.preflight import prepare
+    from batcher.plan.preflight import prepare
+    from batcher.store.checkpoint import Checkpoint
 
     job = load_job(job_path)
     assert job.output is not None

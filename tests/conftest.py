@@ -30,7 +30,7 @@ from batcher.cli import main
 from batcher.jobload import job_from_dict, load_job
 from batcher.jobs import arun_job
 from batcher.mock_server import MockConfig, MockServer, reply_for
-from batcher.runner import RunOptions, RunReport, Runtime
+from batcher.online.runner import RunOptions, RunReport, Runtime
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk-test-0123456789abcdefSECRET"

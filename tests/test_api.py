@@ -21,7 +21,7 @@ from conftest import TEST_KEY, MakeMock, job_dict, prompts_csv, wait_until, writ
 import batcher
 import batcher.api
 import batcher.api.bridge
-import batcher.runner
+import batcher.online.runner
 from batcher.mock_server import MockServer, reply_for
 from batcher.pricing import Price, Usage, resolve_price
 from batcher.records import RESULT_COLUMNS
@@ -274,7 +274,7 @@ def test_a_second_interrupt_cancels_a_stalled_request(
     prompts = ["first", "second", "[[fault:stall*1]] hangs once", "fourth"]
     stops: list[int] = []
 
-    class RecordingControl(batcher.runner.RunControl):
+    class RecordingControl(batcher.online.runner.RunControl):
         def request_stop(self, signum: int = signal.SIGINT) -> None:
             super().request_stop(signum)
             stops.append(signum)

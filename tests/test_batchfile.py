@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from batcher.batchfile import (
+from batcher.batch.cycle import starts_new_shard
+from batcher.batch.lines import (
     LineKind,
     ShardWriter,
     reconcile,
@@ -17,9 +18,8 @@ from batcher.batchfile import (
     shard_digest,
     shard_ids,
 )
-from batcher.batchmode import starts_new_shard
-from batcher.batchstate import custom_id, key_of, position_of
-from batcher.wire import request_body
+from batcher.batch.state import custom_id, key_of, position_of
+from batcher.transport.wire import request_body
 
 
 def _body(text: str) -> bytes:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batcher.checkpoint import Checkpoint
 from batcher.errors import CheckpointError
 from batcher.records import RowResult
+from batcher.store.checkpoint import Checkpoint
 
 
 def ok(reply: str) -> RowResult:

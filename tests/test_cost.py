@@ -16,8 +16,8 @@ from conftest import TEST_KEY, job_dict, prompts_csv, write_job
 from genai_prices import Usage as GenaiUsage
 from genai_prices import calc_price
 
-from batcher.budget import Budget
 from batcher.cli import main
+from batcher.limits.budget import Budget
 from batcher.mock_server import FaultRule, MockServer
 from batcher.pricing import NoPrice, Price, Usage, resolve_price
 from batcher.tokens import counter_for

@@ -40,11 +40,11 @@ from conftest import (
     write_job,
 )
 
-from batcher.checkpoint import Checkpoint
 from batcher.jobload import load_job
 from batcher.mock_server import MockServer, reply_for
+from batcher.online.runner import prepare
 from batcher.records import RowResult
-from batcher.runner import prepare
+from batcher.store.checkpoint import Checkpoint
 
 JOURNALED_ROWS = 40_000  # enough that a results write lasts long enough to be hit
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from batcher.errors import DataError, Verdict
-from batcher.inputs import InputReader
+from batcher.io.inputs import InputReader
 from batcher.mock_server import MockConfig, MockServer
 from batcher.mock_server.calls import parse_call
 from batcher.mock_server.fault_replies import FAULT_KINDS, FAULTS, FaultContext
 from batcher.redact import Redactor
-from batcher.wire import classify_error, parse_completion
+from batcher.transport.wire import classify_error, parse_completion
 
 KEY = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
 

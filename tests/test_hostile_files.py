@@ -34,8 +34,8 @@ from conftest import (
     write_job,
 )
 
-from batcher.answers import AnswerWriter
 from batcher.errors import OutputError
+from batcher.store.answers import AnswerWriter
 
 pytestmark = pytest.mark.timeout(300)
 

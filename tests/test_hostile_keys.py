@@ -20,11 +20,11 @@ from aiohttp import web
 from conftest import Ran, cli, cli_env, job_dict, prompts_csv, write_job
 from security_servers import LoggingProxy, ServerThread
 
-from batcher.client import ChatClient
 from batcher.jobload import job_from_dict
 from batcher.jobs import endpoint_for
 from batcher.mock_server import MockConfig, MockServer
-from batcher.wire import request_body
+from batcher.transport.client import ChatClient
+from batcher.transport.wire import request_body
 
 # A key with every character URL encoding changes and no sk- prefix (that shape is
 # masked by pattern, which would hide a missing encoding); another that is sk-shaped.

@@ -32,19 +32,26 @@ PYPROJECT = PACKAGE.parent / "pyproject.toml"
 #: name (``mock_server``) covers every module of that subpackage.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # leaves: import nothing from batcher (the package facade loads lazily)
-    ("__init__", "errors", "records", "redact", "pricing", "mock_server", "budget", "safefiles",
-     "tally", "schema_guard", "structured"),
-    # the job's validated settings, loading them, and the wire format
-    ("config", "jobload", "wire", "batchwire"),
-    # one concern each: reading, writing, journaling, prompts, retries, limits, HTTP, display
-    ("inputs", "inputscan", "outputs", "checkpoint", "keyindex", "journal", "prompts", "retry",
-     "limits", "client", "endpoints", "progress", "batchfile", "batchstate", "tokens", "keys",
-     "schema_columns", "charts", "leases", "answers", "unsettled", "jobpaths"),
-    # the row pipeline and the runs around it (online, batch): checks before, the results write
-    ("pipeline", "preflight", "finish", "runner", "batchmode"),
-    # a validated job run end to end, its summary, status and report: what the CLI and the
-    # API share
-    ("jobs", "summary", "status", "reporting", "raydata"),
+    ("__init__", "errors", "records", "redact", "pricing", "mock_server", "tally", "schema_guard",
+     "structured"),
+    # the job's validated settings and loading them; prompts, token counts, the display
+    ("config", "jobload", "prompts", "tokens", "progress"),
+    # reading inputs, writing results, private files
+    ("io",),
+    # talking to the server: the wire format, HTTP clients, endpoints
+    ("transport",),
+    # what a run keeps: checkpoint, key index, journals, answers, request keys
+    ("store",),
+    # pacing, cluster leases, budget, retry policy
+    ("limits",),
+    # what a job means, shared by every driver: checks before, one row's path, the results write
+    ("plan",),
+    # the online driver (batch mode's fallback and Ray's stop handling still import it)
+    ("online",),
+    # the other drivers, and what reads a run's results: summary, status, report
+    ("batch", "raydata", "reporting"),
+    # a validated job run end to end: what the CLI and the API share
+    ("jobs",),
     # the Python API (the package: calls, frames, job files, results, the sync bridge)
     ("api",),
     # the command line
@@ -54,16 +61,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: Which modules may import each third-party library (by top-level import name).
 #: ``None``: any module may.
 OWNERS: dict[str, tuple[str, ...] | None] = {
-    "pyarrow": ("inputs", "inputscan", "outputs", "schema_columns", "raydata"),  # raydata: Ray
-    # hands its workers Arrow tables
+    "pyarrow": ("io.inputs", "io.inputscan", "io.outputs", "io.schema_columns", "raydata"),
+    # raydata: Ray hands its workers Arrow tables
     "ray": ("raydata",),  # optional (the ray extra), imported only by run --ray
-    "pandas": ("inputscan", "outputs", "api.frames", "api.results", "reporting"),
+    "pandas": ("io.inputscan", "io.outputs", "api.frames", "api.results", "reporting.page"),
     "numpy": None,  # compact per-row arrays wherever rows are counted or keyed
-    "matplotlib": ("charts",),
+    "matplotlib": ("reporting.charts",),
     "genai_prices": ("pricing",),
     "tiktoken": ("tokens",),
     "bpe_openai": ("tokens",),
-    "aiohttp": ("client", "mock_server"),
+    "aiohttp": ("transport.client", "mock_server"),
     "tqdm": ("progress",),
     "ipywidgets": ("progress",),  # optional (the notebook extra): the progress widget
     "click": ("cli",),

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batcher.answers import Answers, AnswerWriter
 from batcher.errors import RunAborted
-from batcher.leases import ClusterLimit, Feedback, Lease, LeasedLimiter, LocalLimit
+from batcher.limits.leases import ClusterLimit, Feedback, Lease, LeasedLimiter, LocalLimit
 from batcher.records import RowResult
-from batcher.wire import ServerLimits
+from batcher.store.answers import Answers, AnswerWriter
+from batcher.transport.wire import ServerLimits
 
 
 class FakeTime:

@@ -16,16 +16,16 @@ from typing import Any
 
 import pytest
 
-from batcher.checkpoint import Checkpoint
 from batcher.errors import ApiError, RunAborted
 from batcher.jobload import job_from_dict
-from batcher.limits import RateLimiter
-from batcher.pipeline import FunctionSender, RowRequest, Sending, attempt_row
-from batcher.preflight import prepare
+from batcher.limits.pacing import RateLimiter
+from batcher.limits.retry import RetryPolicy
+from batcher.online.runner import Run, RunOptions, Runtime
+from batcher.plan.pipeline import FunctionSender, RowRequest, Sending, attempt_row
+from batcher.plan.preflight import prepare
 from batcher.progress import RunStats
-from batcher.retry import RetryPolicy
-from batcher.runner import Run, RunOptions, Runtime
-from batcher.wire import Completion
+from batcher.store.checkpoint import Checkpoint
+from batcher.transport.wire import Completion
 
 
 def reply(text: str, tokens: int = 5) -> tuple[int, Any]:

@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from batcher.errors import ConfigError, DataError
 from batcher.jobload import load_job
 from batcher.mock_server import MockConfig, MockServer, reply_for
+from batcher.online.runner import prepare
 from batcher.records import RESULT_COLUMNS
-from batcher.runner import prepare
 
 PROPERTY_SETTINGS = settings(
     max_examples=25,

@@ -38,10 +38,10 @@ from conftest import (
 
 ray = pytest.importorskip("ray")
 
-from batcher.answers import JOURNAL_GLOB  # noqa: E402 - after the skip when Ray is missing
 from batcher.jobload import load_job  # noqa: E402
 from batcher.mock_server import MockConfig, MockServer, reply_for  # noqa: E402
 from batcher.raydata import journal_folder, run_dataset  # noqa: E402
+from batcher.store.answers import JOURNAL_GLOB  # noqa: E402 - after the skip when Ray is missing
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -222,7 +222,7 @@ def test_run_dataset_adds_the_result_columns(ray_session: None, tmp_path: Path,
 
 
 def test_import_batcher_loads_no_ray() -> None:
-    code = ("import sys, batcher, batcher.cli, batcher.budget, batcher.answers; "
+    code = ("import sys, batcher, batcher.cli, batcher.limits.budget, batcher.store.answers; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -8,9 +8,9 @@ import random
 import pytest
 
 from batcher.errors import ApiError, Verdict
-from batcher.limits import OutputEstimate, RateLimiter
-from batcher.retry import FailureStreak, RetryPolicy
-from batcher.wire import ServerLimits, parse_rate_limits
+from batcher.limits.pacing import OutputEstimate, RateLimiter
+from batcher.limits.retry import FailureStreak, RetryPolicy
+from batcher.transport.wire import ServerLimits, parse_rate_limits
 
 
 class ExactLimiter(RateLimiter):

@@ -27,9 +27,9 @@ from batcher import cli
 from batcher.jobload import job_from_dict
 from batcher.jobs import arun_job
 from batcher.mock_server import MockServer, reply_for
+from batcher.online.runner import RunOptions, RunReport
 from batcher.progress import Progress, RunStats
 from batcher.records import OPTIONAL_COLUMNS, RESULT_COLUMNS, RowResult
-from batcher.runner import RunOptions, RunReport
 
 ENV = {"BATCHER_TEST_KEY": TEST_KEY}
 

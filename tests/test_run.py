@@ -24,8 +24,8 @@ from conftest import (
 
 from batcher.errors import RunAborted
 from batcher.mock_server import MockServer, reply_for
+from batcher.online.runner import Runtime
 from batcher.records import RESULT_COLUMNS
-from batcher.runner import Runtime
 
 
 def write_input(folder: Path, fmt: str, count: int) -> Path:

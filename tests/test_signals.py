@@ -26,7 +26,7 @@ from conftest import (
 
 from batcher.errors import Interrupted
 from batcher.mock_server import FaultRule, MockServer
-from batcher.runner import RunControl
+from batcher.online.runner import RunControl
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -28,8 +28,8 @@ from batcher.jobload import job_from_dict
 from batcher.jobs import arun_job
 from batcher.mock_server import MockConfig, MockServer
 from batcher.mock_server.instances import instance_for, rng_for
+from batcher.online.runner import RunOptions, RunReport
 from batcher.records import RESULT_COLUMNS
-from batcher.runner import RunOptions, RunReport
 from batcher.structured import ParsedReply, ProblemKind, ReplyProblem, ReplySchema, SchemaMode
 
 ENV = {"BATCHER_TEST_KEY": TEST_KEY}

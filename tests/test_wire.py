@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from batcher.errors import ApiError, Verdict
-from batcher.wire import classify_error, parse_completion, parse_retry_after
+from batcher.transport.wire import classify_error, parse_completion, parse_retry_after
 
 
 def body(data: object) -> bytes:

@@ -19,8 +19,8 @@ from batcher.api.calls import KEY_ENV
 from batcher.api.frames import arun_dataframe, run_dataframe
 from batcher.api.jobfiles import JobSource, arun, run
 from batcher.api.results import Result
-from batcher.reporting import Report, report
-from batcher.summary import Summary
+from batcher.reporting.page import Report, report
+from batcher.reporting.summary import Summary
 
 __all__ = ["KEY_ENV", "JobSource", "Report", "Result", "Summary", "arun", "arun_dataframe",
            "report", "run", "run_dataframe"]

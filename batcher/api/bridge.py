@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 from batcher.errors import Interrupted
-from batcher.runner import RunControl
+from batcher.online.runner import RunControl
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -13,9 +13,9 @@ from batcher import jobs
 from batcher.api.bridge import current_control
 from batcher.config import Job
 from batcher.errors import FRESH_OPTION, ConfigError, Interrupted
+from batcher.online.runner import RunOptions, RunReport
 from batcher.redact import printable
-from batcher.runner import RunOptions, RunReport
-from batcher.summary import Summary, summarize_run
+from batcher.reporting.summary import Summary, summarize_run
 
 KEY_ENV = "BATCHER_API_KEY"  # the name an ``api_key=`` is known by, in memory only
 

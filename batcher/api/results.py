@@ -12,9 +12,9 @@ from typing import Any
 import pandas as pd
 
 from batcher.config import Job
+from batcher.io.schema_columns import SchemaColumns
 from batcher.records import FLOAT_COLUMNS, INTEGER_COLUMNS, OPTIONAL_COLUMNS, RESULT_COLUMNS
-from batcher.schema_columns import SchemaColumns
-from batcher.summary import Summary
+from batcher.reporting.summary import Summary
 
 
 @dataclass(frozen=True)

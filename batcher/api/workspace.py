@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batcher.config import InputSpec, Job
-from batcher.keys import shared_digest
+from batcher.store.keys import shared_digest
 
 INPUT_NAME = "input.parquet"
 RESULTS_NAME = "results.parquet"

@@ -75,16 +75,16 @@ def synthesize_checkpoint(job_path: Path, done_rows: int) -> Path:
     """Write the checkpoint a run that finished rows ``0 .. done_rows-1`` would have left.
 
     Each row is stored under the request key batcher computes for it
-    (``batcher.preflight.prepare(job).plans(None)``), so ``batcher run``
+    (``batcher.plan.preflight.prepare(job).plans(None)``), so ``batcher run``
     reuses those answers and sends only the remaining rows. The lines are
     written by batcher's own ``Checkpoint.append``, so they stay in whatever
     journal format batcher uses; each holds a ``RowResult`` like the mock's.
     """
-    from batcher.checkpoint import Checkpoint
     from batcher.jobload import load_job
     from batcher.mock_server import reply_for
-    from batcher.preflight import prepare
+    from batcher.plan.preflight import prepare
     from batcher.records import RESULT_FIELDS, RowResult
+    from batcher.store.checkpoint import Checkpoint
 
     job = load_job(job_path)
     assert job.output is not None

@@ -1,0 +1,1 @@
+"""What limits a run: pacing under rate limits, cluster-wide leases, the budget, retries."""

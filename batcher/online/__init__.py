@@ -1,0 +1,1 @@
+"""The online driver: workers, stop and signals around the row pipeline."""

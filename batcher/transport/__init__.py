@@ -1,0 +1,1 @@
+"""Talking to the server: the wire format, the HTTP clients, endpoints and auth."""
