@@ -43,6 +43,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
         Interrupted,
         OutputError,
         RunAborted,
+        RunInProgress,
         UserError,
     )
     from batcher.records import RESULT_COLUMNS
@@ -51,7 +52,8 @@ _SOURCES = {
     "batcher.api": ("JobSource", "Report", "Result", "Summary", "arun", "arun_dataframe",
                     "report", "run", "run_dataframe"),
     "batcher.errors": ("BatcherError", "BudgetReached", "CheckpointError", "ConfigError",
-                       "DataError", "Interrupted", "OutputError", "RunAborted", "UserError"),
+                       "DataError", "Interrupted", "OutputError", "RunAborted", "RunInProgress",
+                       "UserError"),
     "batcher.records": ("RESULT_COLUMNS",),
 }
 _LAZY = {name: module for module, names in _SOURCES.items() for name in names}
@@ -69,6 +71,7 @@ __all__ = [
     "Report",
     "Result",
     "RunAborted",
+    "RunInProgress",
     "Summary",
     "UserError",
     "__version__",

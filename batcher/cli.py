@@ -44,7 +44,7 @@ def _report_errors(action: Callable[[], T], *, as_json: bool = False) -> T:
     try:
         return action()
     except BatcherError as error:
-        _say(f"batcher: error: {error}", err=True)
+        _say(f"batcher: {error.label}: {error}", err=True)
         if as_json:  # a cron pipeline reads stdout: tell it what happened there too
             _echo_json({"schema_version": SCHEMA_VERSION, "exit_code": error.exit_code,
                         "error": str(error)})

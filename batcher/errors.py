@@ -5,6 +5,22 @@ guess: configuration, data and checkpoint mistakes are the user's (exit 2),
 a server's verdict on the account stops the run (exit 3), an interruption
 keeps the checkpoint (exit 130). Lower layers (aiohttp, pyarrow, pydantic)
 are translated into these at one boundary each, never by matching text.
+
+The tree, with each family's exit code::
+
+    BatcherError                  1   (a failed row is data, not an exception)
+    +-- UserError                 2   the job, its input or the command line is wrong
+    |   +-- ConfigError               the job file or an option
+    |   +-- DataError                 the input
+    |   +-- CheckpointError           the checkpoint is another job's, or damaged
+    |       +-- RunInProgress     75  another run of the job holds its lock: skipped
+    +-- OutputError               2   results or checkpoint could not be written
+    +-- RunAborted                3   the server's verdict on the account
+    |   +-- BudgetReached             the next request could pass the budget
+    +-- Interrupted          130/143  Ctrl-C or SIGTERM; the checkpoint is consistent
+
+``ApiError`` (one failed request, with its ``Verdict``) is not a BatcherError:
+it never reaches the user as such, it becomes a row's error or a RunAborted.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ class BatcherError(Exception):
     """Base of every error batcher raises on purpose."""
 
     exit_code = 1
+    label = "error"  # how the command line introduces it: "batcher: error: ..."
 
 
 class UserError(BatcherError):
@@ -45,6 +62,16 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """The checkpoint belongs to another job, or another run holds it."""
+
+
+class RunInProgress(CheckpointError):
+    """Another run of the same job holds its lock. Nothing was sent or written;
+    a nightly run that finds the last one still going is skipped, not failed:
+    its own exit code (EX_TEMPFAIL, "try again later") keeps it apart from a bad
+    job (2) in a cron log and an alert rule."""
+
+    exit_code = 75
+    label = "skipped"
 
 
 class OutputError(BatcherError):

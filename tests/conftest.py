@@ -186,10 +186,10 @@ def start_run(job: Path, *args: str, env: dict[str, str] | None = None
         env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def one_error_line(stderr: str) -> str:
+def one_error_line(stderr: str, label: str = "error") -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("batcher: error: "), stderr
+    assert lines[0].startswith(f"batcher: {label}: "), stderr
     return lines[0]
 
 

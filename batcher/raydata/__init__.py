@@ -66,12 +66,12 @@ from ray.actor import ActorHandle
 from batcher.config import Job
 from batcher.errors import (
     BatcherError,
-    CheckpointError,
     ConfigError,
     DataError,
     Interrupted,
     OutputError,
     RunAborted,
+    RunInProgress,
 )
 from batcher.io.inputs import id_strings
 from batcher.io.outputs import result_fields
@@ -509,7 +509,7 @@ def _run_lock(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CheckpointError(f"{folder}: another batcher run of this job is in progress; "
+            raise RunInProgress(f"{folder}: another batcher run of this job is in progress; "
                                   "wait for it to finish") from None
         yield
     finally:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from batcher.errors import CheckpointError, OutputError, fresh_option
+from batcher.errors import CheckpointError, OutputError, RunInProgress, fresh_option
 from batcher.io.safefiles import make_private, open_private
 from batcher.records import RESULT_FIELDS, STATUS_OK, RowResult
 from batcher.store.keyindex import KeyIndex
@@ -348,7 +348,7 @@ def _acquire_lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CheckpointError(
+        raise RunInProgress(
             f"{path}: another batcher run of this job is in progress (lock {lock_path.name} "
             "is held); wait for it to finish") from None
     return fd
