@@ -10,6 +10,7 @@ is never echoed when it looks secret.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Iterator
@@ -255,14 +256,20 @@ def _allowed_keys(parent: list[str]) -> list[str]:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """Turn pydantic's report into one line that names the key and the fix."""
+    """Turn pydantic's report into one line that names the key and the fix.
+
+    An unknown key comes first, with the key it was probably meant to be: a
+    misspelt key (``modle:``) also makes the real one missing, and "model: is
+    required" alone would hide the cause. The guess prefers a key reported
+    missing beside it (``modle`` is ``model``, not ``mode``)."""
     errors = exc.errors(include_url=False)
+    errors.sort(key=lambda error: error["type"] != "extra_forbidden")  # stable: order kept
+    missing = {_location(error) for error in errors if error["type"] == "missing"}
     first = errors[0]
-    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-")]
-    # Union branches add the branch type to the location: drop those noise parts.
-    loc = [part for part in loc if part not in {"str", "int", "float", "MockSpec", "bool"}]
+    loc = list(_location(first))
     kind = first["type"]
     key = ".".join(loc)
+    explained = 0
     if kind == "value_error":
         message = str(first.get("ctx", {}).get("error", first["msg"]))
         # A model-level check names its own sub-key ("path: must ..."): join, don't repeat.
@@ -273,9 +280,31 @@ def describe_validation_error(exc: ValidationError) -> str:
     else:
         message = _MESSAGES.get(kind, first["msg"].lower())
         if kind == "extra_forbidden":
-            message += f" (allowed here: {', '.join(_allowed_keys(loc[:-1]))})"
+            allowed = _allowed_keys(loc[:-1])
+            guess = _meant(loc[-1], allowed, {path[-1] for path in missing
+                                               if list(path[:-1]) == loc[:-1]})
+            if guess is not None:
+                message += f"; did you mean {guess}?"
+                explained = (*loc[:-1], guess) in missing  # its "is required" is this one
+            message += f" (allowed here: {', '.join(allowed)})"
         text = f"{key}: {message}" if key else message
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    more = len(errors) - 1 - explained
+    if more:
+        text += f" (and {more} more problem{'s' if more > 1 else ''})"
     return text
+
+
+def _location(error: Any) -> tuple[str, ...]:
+    loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+    # Union branches add the branch type to the location: drop those noise parts.
+    return tuple(part for part in loc if part not in {"str", "int", "float", "MockSpec", "bool"})
+
+
+def _meant(unknown: str, allowed: list[str], missing: set[str]) -> str | None:
+    """The allowed key ``unknown`` was most likely meant to be, if any is close."""
+    for candidates in (sorted(missing), allowed):
+        close = difflib.get_close_matches(unknown, candidates, n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
 

@@ -47,6 +47,12 @@ def set_key(dotted: str, value: Any) -> Callable[[Path, dict[str, Any]], None]:
     return apply
 
 
+def rename_key(old: str, new: str) -> Callable[[Path, dict[str, Any]], None]:
+    def apply(_folder: Path, job: dict[str, Any]) -> None:
+        job[new] = job.pop(old)
+    return apply
+
+
 CASES: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     "missing file": (set_key("input.path", "nowhere.csv"), "nowhere.csv: input file not found"),
     "empty file": (raw_file(b""), "in.csv: input file is empty"),
@@ -69,6 +75,10 @@ CASES: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     "wrong type": (set_key("limits.concurrency", "lots"),
                    "limits.concurrency: must be a whole number"),
     "unknown key": (set_key("retry.max_retries", 3), "retry.max_retries: unknown key"),
+    # The typo first, not the "model: is required" it causes; the missing key is preferred
+    # over a closer allowed one (mode), and the problem it explains is not counted again.
+    "misspelt key": (rename_key("model", "modle"),
+                     "modle: unknown key; did you mean model? (allowed here: name, input,"),
     "output is input": (set_key("output.path", "prompts.csv"),
                         "output.path: must not be the input file"),
     "key env unset": (set_key("endpoint.api_key_env", "BATCHER_NOT_SET_ANYWHERE"),
