@@ -23,7 +23,7 @@ from batcher.plan.preflight import Estimate, Prepared, estimate, prepare
 from batcher.redact import Redactor, printable
 from batcher.store.checkpoint import Checkpoint, lock_path_for, verify_checkpoint
 from batcher.transport.client import ChatClient, Endpoint
-from batcher.transport.endpoints import resolve_endpoint
+from batcher.transport.endpoints import missing_key, resolve_endpoint
 
 SIMULATED_NOTICE = ("using batcher's built-in mock server (endpoint.mock): replies are simulated, "
                     "no real model is called")
@@ -68,10 +68,21 @@ def dry_run(job: Job, limit: int | None = None,
             environ: Mapping[str, str] | None = None, *, fresh: bool = False) -> Estimate:
     """Check the job, its input and its endpoint settings; estimate without sending
     (with ``fresh``, as if the checkpoint were discarded)."""
+    # The key is not needed to send nothing: its absence is a note, like a locked checkpoint.
+    unset = missing_key(job.endpoint, environ)
     try:
-        prepared = check_job(job, limit, environ, fresh=fresh)
+        prepared = check_job(job, limit, environ, fresh=fresh, require_key=unset is None)
     except CheckpointError as error:  # the estimate stands; the note says what would stop
         return replace(estimate(prepare(job, limit)), note=f"a run would stop: {error}")
+    figures = _estimate_beside_checkpoint(prepared, fresh)
+    if unset is None:
+        return figures
+    return replace(figures, note="; ".join(
+        note for note in (f"a run would stop: {unset}", figures.note) if note))
+
+
+def _estimate_beside_checkpoint(prepared: Prepared, fresh: bool) -> Estimate:
+    job = prepared.job
     checkpoint_path = job.output.checkpoint_path if job.output else None
     if checkpoint_path is not None and checkpoint_path.exists() and not fresh:
         try:
@@ -93,7 +104,8 @@ def _with_batch_plan(figures: Estimate, prepared: Prepared,
 
 
 def check_job(job: Job, limit: int | None = None, environ: Mapping[str, str] | None = None,
-              *, allow_empty: bool = False, fresh: bool = False) -> Prepared:
+              *, allow_empty: bool = False, fresh: bool = False,
+              require_key: bool = True) -> Prepared:
     """Everything ``run`` checks before it sends a byte, in one place, so ``validate``
     and ``--dry-run`` pass exactly the jobs ``run`` would start: the input and its
     columns, the key's variable, where the key may travel (plain http, proxies), and
@@ -102,7 +114,7 @@ def check_job(job: Job, limit: int | None = None, environ: Mapping[str, str] | N
     check_input_apart(job, [job.input.path])
     prepared = prepare(job, limit, allow_empty=allow_empty)
     if job.endpoint.mock is None:
-        resolve_endpoint(job.endpoint, environ=environ)
+        resolve_endpoint(job.endpoint, environ=environ, require_key=require_key)
     if job.output is not None:
         check_writable(job.output.path.parent)
         checkpoint = job.output.checkpoint_path

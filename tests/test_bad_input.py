@@ -109,6 +109,23 @@ def test_bad_job_or_input_exits_2_with_one_line(tmp_path: Path, mock_server: Moc
     assert (tmp_path / "out.csv").read_text() == RESULTS_BEFORE
 
 
+def test_a_dry_run_needs_no_key_and_says_a_run_would_stop(tmp_path: Path,
+                                                           mock_server: MockServer) -> None:
+    """A dry run sends nothing, so an unset key is a note, not an error; validate and run
+    still refuse the job (a job that validates starts)."""
+    _source, job = _setup(tmp_path, mock_server)
+    job["endpoint"]["api_key_env"] = "BATCHER_NOT_SET_ANYWHERE"
+    job_path = write_job(tmp_path / "job.yaml", job)
+    dry = cli("run", str(job_path), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "5 rows (5 to send" in dry.stdout
+    assert ("note: a run would stop: endpoint.api_key_env: environment variable "
+            "BATCHER_NOT_SET_ANYWHERE is not set") in dry.stdout
+    for command in ("validate", "run"):
+        assert cli(command, str(job_path)).returncode == 2
+    assert mock_server.stats.snapshot()["requests_total"] == 0
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     ("input: [unclosed\n", "malformed YAML"),
     ("- just\n- a list\n", "must be a mapping"),

@@ -23,14 +23,30 @@ from batcher.transport.client import Endpoint, proxy_for
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
+def missing_key(spec: EndpointSpec, environ: Mapping[str, str] | None = None) -> str | None:
+    """What a run would say of the job's unset key, or None when it is set (or not needed)."""
+    environ = os.environ if environ is None else environ
+    if spec.api_key_env is None or spec.mock is not None or environ.get(spec.api_key_env,
+                                                                         "").strip():
+        return None
+    return _unset(spec.api_key_env)
+
+
+def _unset(variable: str) -> str:
+    return (f"endpoint.api_key_env: environment variable {variable} is not set "
+            f"(export {variable}=... before running)")
+
+
 def resolve_endpoint(spec: EndpointSpec, *, base_url: str | None = None,
                      environ: Mapping[str, str] | None = None,
-                     mock_key: str | None = None) -> tuple[Endpoint, Redactor]:
+                     mock_key: str | None = None,
+                     require_key: bool = True) -> tuple[Endpoint, Redactor]:
     """The endpoint to call and a redactor that knows its secret.
 
     ``base_url`` overrides the spec's (used when batcher starts its own mock
     server on a port it picks); ``mock_key`` is the key of that server, sent
-    instead of the job's.
+    instead of the job's. Without ``require_key`` an unset key leaves the
+    endpoint without one (a dry run sends nothing); every other check stands.
     """
     environ = os.environ if environ is None else environ
     root = (base_url or spec.base_url or "").rstrip("/")
@@ -38,9 +54,8 @@ def resolve_endpoint(spec: EndpointSpec, *, base_url: str | None = None,
     key: str | None = mock_key if spec.mock is not None else None
     if spec.api_key_env is not None and spec.mock is None:
         key = environ.get(spec.api_key_env, "").strip()
-        if not key:
-            raise ConfigError(f"endpoint.api_key_env: environment variable {spec.api_key_env} "
-                              f"is not set (export {spec.api_key_env}=... before running)")
+        if not key and require_key:
+            raise ConfigError(_unset(spec.api_key_env))
         if not spec.allow_insecure_http:
             _refuse_plain_http(root, proxy)
     if spec.azure is not None:
