@@ -118,6 +118,7 @@ class Planner:
         self._record = record
         self._wall = wall
         self._keys: np.ndarray | None = None
+        self._input_planned = False  # the first round plans from the input, later ones not
 
     def reused(self) -> int:
         """Rows whose ``ok`` answer was in the checkpoint before this run."""
@@ -167,9 +168,10 @@ class Planner:
         self._checkpoint.refresh()  # answers collected by this run count as answered
         held = [shard_keys(state.folder / shard.file) for shard in state.shards]
         try:
-            if self._keys is None:
+            if not self._input_planned:
                 self._from_input(writer, record, KeySet(np.concatenate(
                     [np.zeros((0, KEY_BYTES), np.uint8), *held])))
+                self._input_planned = True
             if spec.fallback == "none":
                 self._unfinished(writer, record, held)
             record(writer.close())
