@@ -90,6 +90,11 @@ class KeySet:
         return found
 
 
+def _stacked(keys: list[np.ndarray]) -> np.ndarray:
+    """Several ``(n, 16)`` key arrays as one (none: an empty one)."""
+    return np.concatenate([np.zeros((0, KEY_BYTES), np.uint8), *keys])
+
+
 def _as_void(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys, dtype=np.uint8).reshape(-1, KEY_BYTES).view(_KEY).ravel()
 
@@ -169,8 +174,7 @@ class Planner:
         held = [shard_keys(state.folder / shard.file) for shard in state.shards]
         try:
             if not self._input_planned:
-                self._from_input(writer, record, KeySet(np.concatenate(
-                    [np.zeros((0, KEY_BYTES), np.uint8), *held])))
+                self._from_input(writer, record, KeySet(_stacked(held)))
                 self._input_planned = True
             if spec.fallback == "none":
                 self._unfinished(writer, record, held)
@@ -204,25 +208,29 @@ class Planner:
                     self._stats.record(row.position, request)
                     continue
                 name = custom_id(row.position, row.key)
-                line = request_line(name, request.body)
-                if not writer.fits(line):
-                    self._record(name, RowResult.failed(
-                        f"the request ({len(line):,} bytes) is larger than "
-                        "batch.max_bytes_per_file", 0, "batch request too large"))
-                    continue
-                record(writer.add(name, line))
+                self._write(writer, record, name, request_line(name, request.body))
         self._keys = keys[:end]
+
+    def _write(self, writer: ShardWriter, record: Callable[[Shard | None], None], name: str,
+               line: bytes) -> None:
+        if not writer.fits(line):
+            self._record(name, RowResult.failed(
+                f"the request ({len(line):,} bytes) is larger than "
+                "batch.max_bytes_per_file", 0, "batch request too large"))
+            return
+        record(writer.add(name, line))
 
     def _unfinished(self, writer: ShardWriter, record: Callable[[Shard | None], None],
                     held: list[np.ndarray]) -> None:
         """Lines collected batches left unfinished, again, from their shard files: those
         of a row still in the input, unanswered, and in no later batch of the cycle."""
+        left = [(index, shard) for index, shard in enumerate(self._state.shards[:len(held)])
+                if shard.status == COLLECTED and shard.unfinished]
+        if not left:
+            return
         rows = KeySet(self.keys)
-        for index, shard in enumerate(self._state.shards[:len(held)]):
-            if shard.status != COLLECTED or not shard.unfinished:
-                continue
-            later = KeySet(np.concatenate([np.zeros((0, KEY_BYTES), np.uint8),
-                                           *held[index + 1:]]))
+        for index, shard in left:
+            later = KeySet(_stacked(held[index + 1:]))
             names = shard.unfinished
             keys = np.frombuffer(b"".join(key_of(name) for name in names),
                                  np.uint8).reshape(-1, KEY_BYTES)
@@ -232,7 +240,7 @@ class Planner:
                 continue
             for name, line in shard_lines(self._state.folder / shard.file):
                 if name in wanted:
-                    record(writer.add(name, line))
+                    self._write(writer, record, name, line)
 
     def _remove_strays(self) -> None:
         """Shard files no state entry names: left by a kill before they were recorded."""
