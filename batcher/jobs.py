@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from batcher.batch.cycle import BatchRun, describe_plan, plan_shards
+from batcher.batch.cycle import BatchRun, describe_plan
+from batcher.batch.shards import plan_shards
 from batcher.batch.state import forget_state
 from batcher.config import Job
 from batcher.errors import CheckpointError, OutputError

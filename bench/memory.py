@@ -12,6 +12,10 @@ Parquet results. Two modes per size, each a separate ``batcher run``:
   (every row but the last 1,000 journaled ``ok``); batcher loads it, sends
   the 1,000 and writes all the results: the memory of the checkpoint index
   and of the final write, in seconds instead of minutes.
+* ``batch`` (only when asked for: ``--modes batch``): the same job with
+  ``mode: batch`` and ``--wait``: shard files written, uploaded, the mock's
+  batches polled, downloaded and reconciled, the results written. The input
+  is keyed once per run, so time and memory stay close to ``send``'s.
 
 Peak RSS is ``ru_maxrss`` of the batcher process itself (through a small
 launcher: a plain fork of the benchmark would carry the benchmark's own RSS
@@ -21,7 +25,8 @@ interpreter and batcher's imports, for scale.
 Targets: peak RSS under 400 MiB at a million rows and within 50 MiB of the
 100,000-row figure (MB read as MiB; 400 MB = 381 MiB if read as 10^6).
 
-Usage: ``python bench/memory.py [--small] [--sizes N,N] [--modes send,resume]``
+Usage: ``python bench/memory.py [--small] [--sizes N,N] [--modes send,resume,batch]``
+(``python bench/memory.py --modes batch --sizes 200000`` for the batch figure)
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from harness.report import bench_main, print_table, print_targets, small_flag
 
 TARGET_PEAK_MIB = 400.0
 TARGET_GROWTH_MIB = 50.0
-MODES = ("send", "resume")
+MODES = ("send", "resume", "batch")
+DEFAULT_MODES = ("send", "resume")
 
 
 @dataclass
@@ -56,13 +62,18 @@ def run_one(folder: Path, source: Path, rows: int, mode: str, tail: int) -> Meas
     work = folder / f"{mode}-{rows}"
     work.mkdir()
     with MockProcess(log_folder=work) as mock:
-        job = write_job(work / "job.yaml",
-                        job_dict(mock.base_url, source, work / "results.parquet"))
+        settings = job_dict(mock.base_url, source, work / "results.parquet")
+        env = None
+        if mode == "batch":  # the mock's Files API serves a file to the key that made it
+            settings |= {"mode": "batch", "batch": {"poll_interval_s": 0.2}}
+            settings["endpoint"]["api_key_env"] = "BATCHER_BENCH_KEY"
+            env = {"BATCHER_BENCH_KEY": "sk-bench-any"}
+        job = write_job(work / "job.yaml", settings)
         sent = rows
         if mode == "resume":
             sent = min(tail, rows)
             synthesize_checkpoint(job, rows - sent)
-        process = BatcherProcess(job)
+        process = BatcherProcess(job, *(["--wait"] if mode == "batch" else []), env=env)
         print(f"[{mode} {rows:,}] batcher: {' '.join(process.command[1:])} "
               f"({sent:,} rows to send)", flush=True)
         run = process.start().wait(timeout_s=180 + sent / 200 + rows / 5000)
@@ -109,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = small_flag(__doc__.split("\n\n")[0] if __doc__ else "memory")
     parser.add_argument("--sizes", help="input sizes, comma-separated "
                                         "(default 100000,1000000; small 20000,100000)")
-    parser.add_argument("--modes", default=",".join(MODES), help="send,resume (default both)")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help="send,resume,batch (default send,resume)")
     parser.add_argument("--send-max", type=int,
                         help="skip send mode above this many rows (small: 20000)")
     parser.add_argument("--tail", type=int, default=1000, help="rows left to send in resume")

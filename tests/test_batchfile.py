@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 import pytest
 
-from batcher.batch.cycle import starts_new_shard
 from batcher.batch.lines import (
     LineKind,
     ShardWriter,
@@ -17,6 +16,7 @@ from batcher.batch.lines import (
     request_line,
     shard_digest,
     shard_ids,
+    starts_new_shard,
 )
 from batcher.batch.state import custom_id, key_of, position_of
 from batcher.transport.wire import request_body

@@ -9,7 +9,7 @@ import pytest
 
 from batcher.errors import ApiError, Verdict
 from batcher.limits.pacing import OutputEstimate, RateLimiter
-from batcher.limits.retry import FailureStreak, RetryPolicy
+from batcher.limits.retry import FailureStreak, GaveUp, Retrying, RetryPolicy, classify
 from batcher.transport.wire import ServerLimits, parse_rate_limits
 
 
@@ -63,6 +63,89 @@ def test_gives_up_after_max_attempts_and_never_retries_terminal_errors() -> None
     abort = ApiError(Verdict.ABORT, "HTTP 401", status=401)
     assert policy.delay_before_retry(1, row_error, rng) is None
     assert policy.delay_before_retry(1, abort, rng) is None
+
+
+def engine(time: FakeTime, max_attempts: int = 4, seed: int = 3) -> Retrying:
+    return Retrying(RetryPolicy(max_attempts=max_attempts, base_delay_s=1.0, max_delay_s=8.0),
+                    sleep=time.sleep, rng=random.Random(seed), clock=time.clock)
+
+
+class Calls:
+    """A server call that fails with ``errors`` in turn, then answers ``"done"``."""
+
+    def __init__(self, *errors: ApiError) -> None:
+        self.errors = list(errors)
+        self.made = 0
+
+    async def __call__(self) -> str:
+        self.made += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "done"
+
+
+def test_the_engine_waits_the_policy_s_delays_between_attempts() -> None:
+    time = FakeTime()
+    call = Calls(transient(), transient(), transient(retry_after=5.0))
+    assert asyncio.run(engine(time).call(call)) == "done"
+    assert call.made == 4
+    rng, policy = random.Random(3), engine(FakeTime()).policy
+    expected = [policy.delay_before_retry(n, error, rng)
+                for n, error in [(1, transient()), (2, transient()),
+                                 (3, transient(retry_after=5.0))]]
+    assert time.sleeps == expected  # the policy's draws, in order, from the engine's rng
+    assert 5.0 <= time.sleeps[2] <= 6.0
+
+
+def test_the_engine_gives_up_after_the_last_attempt_saying_how_long_it_tried() -> None:
+    time = FakeTime()
+    call = Calls(*(transient() for _ in range(10)))
+    with pytest.raises(GaveUp) as gave_up:
+        asyncio.run(engine(time, max_attempts=3).call(call))
+    assert call.made == 3 and len(time.sleeps) == 2
+    assert gave_up.value.verdict is Verdict.RETRY and not gave_up.value.aborts
+    assert gave_up.value.attempts == 3
+    assert gave_up.value.elapsed_s == pytest.approx(sum(time.sleeps))
+    assert gave_up.value.tries().startswith(" (3 attempts over ")
+
+
+@pytest.mark.parametrize(("error", "verdict"), [
+    (ApiError(Verdict.ROW_ERROR, "HTTP 400", status=400), Verdict.ROW_ERROR),
+    (ApiError(Verdict.ABORT, "HTTP 401", status=401), Verdict.ABORT),
+])
+def test_the_engine_never_retries_a_terminal_error(error: ApiError, verdict: Verdict) -> None:
+    time = FakeTime()
+    call = Calls(error)
+    with pytest.raises(GaveUp) as gave_up:
+        asyncio.run(engine(time).call(call))
+    assert call.made == 1 and time.sleeps == []
+    assert gave_up.value.verdict is verdict and gave_up.value.error is error
+    assert gave_up.value.aborts is (verdict is Verdict.ABORT) and gave_up.value.tries() == ""
+
+
+def test_a_recheck_after_the_wait_can_end_the_retries() -> None:
+    """A create whose answer was lost: look it up before creating again."""
+    time = FakeTime()
+    call = Calls(transient(), transient())
+    looked: list[float] = []
+
+    async def created_meanwhile() -> str | None:
+        looked.append(time.now)
+        return "found" if len(looked) == 2 else None
+
+    assert asyncio.run(engine(time).call(call, recheck=created_meanwhile)) == "found"
+    assert call.made == 2 and len(time.sleeps) == 2 and looked == [1000.0 + time.sleeps[0],
+                                                                   time.now]
+
+
+def test_a_gateway_failing_in_itself_aborts_until_a_request_got_through() -> None:
+    fault = ApiError(Verdict.RETRY, "HTTP 500 with a non-JSON body", status=500,
+                     gateway_fault=True)
+    assert classify(fault, answered=False) is Verdict.ABORT
+    assert classify(fault, answered=True) is Verdict.RETRY
+    decided = engine(FakeTime()).decide(1, fault, answered=False)
+    assert decided.aborts and decided.delay_s is None
+    assert engine(FakeTime()).decide(1, fault).delay_s is not None
 
 
 def test_requests_are_paced_evenly_from_the_first_one() -> None:

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -65,6 +65,12 @@ def shard_digest(salt: str, custom_ids: Iterable[str]) -> str:
     return hasher.hexdigest()
 
 
+def starts_new_shard(lines: int, size: int, line: int, max_requests: int,
+                     max_bytes: int) -> bool:
+    """Whether a ``line``-byte line goes in a new file after ``lines`` lines of ``size``."""
+    return lines > 0 and (lines >= max_requests or size + line > max_bytes)
+
+
 class ShardWriter:
     """Cut request lines into files of at most ``max_requests`` lines and ``max_bytes``.
 
@@ -91,8 +97,8 @@ class ShardWriter:
     def add(self, custom_id: str, line: bytes) -> Shard | None:
         assert self.fits(line), "check fits() first"
         closed = None
-        if self._ids and (len(self._ids) >= self._max_requests
-                          or self._size + len(line) > self._max_bytes):
+        if starts_new_shard(len(self._ids), self._size, len(line), self._max_requests,
+                            self._max_bytes):
             closed = self.close()
         if self._handle is None:
             private_folder(self._folder, "batch work folder")
@@ -128,14 +134,17 @@ class ShardWriter:
         self._handle, self._temp, self._ids, self._size = None, None, [], 0
 
 
-def shard_ids(path: Path) -> list[str]:
-    """The ``custom_id`` of every line of a shard file, in file order."""
-    ids = []
+def shard_lines(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Each request line of a shard file with its ``custom_id``, in file order."""
     with path.open("rb") as handle:
         for raw in handle:
             if raw.strip():
-                ids.append(str(orjson.loads(raw)["custom_id"]))
-    return ids
+                yield str(orjson.loads(raw)["custom_id"]), raw
+
+
+def shard_ids(path: Path) -> list[str]:
+    """The ``custom_id`` of every line of a shard file, in file order."""
+    return [name for name, _line in shard_lines(path)]
 
 
 class LineKind(Enum):

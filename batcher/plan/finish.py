@@ -33,6 +33,7 @@ import numpy as np
 import orjson
 
 from batcher.errors import OutputError
+from batcher.io.inputs import BATCH_ROWS
 from batcher.io.inputscan import typed_columns
 from batcher.io.outputs import NO_OUTCOME, ResultLayout, write_results
 from batcher.io.safefiles import write_private
@@ -90,7 +91,9 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
     if stamps.get(str(path)) == {**stamp, **_file_identity(path)}:
         # The store did not grow since the file was written: nothing was sent now.
         rows = prepared.row_count
-        tally = _tally_store(checkpoint, remade)
+        kept = None if keys is None else (keys[start:start + BATCH_ROWS]
+                                          for start in range(0, len(keys), BATCH_ROWS))
+        tally = _tally_store(checkpoint, remade if kept is None else kept)
         return Written(path, rows, rows - tally.ok, rewritten=False, tally=tally)
     output = prepared.job.output
     assert output is not None

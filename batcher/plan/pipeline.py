@@ -27,6 +27,7 @@ bottom in one place; each step is a small function or class of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,11 +37,11 @@ import numpy as np
 import orjson
 
 from batcher.config import Job
-from batcher.errors import ApiError, RunAborted, Verdict
+from batcher.errors import ApiError, RunAborted
 from batcher.io.inputs import id_strings
 from batcher.limits.budget import Budget, Hold
 from batcher.limits.pacing import OutputEstimate, Reservation, Sleep
-from batcher.limits.retry import RetryPolicy
+from batcher.limits.retry import Retrying, RetryPolicy
 from batcher.pricing import Price, Usage
 from batcher.progress import INPUT_ERROR_CLASS, RunStats
 from batcher.prompts import PromptRenderer
@@ -278,14 +279,18 @@ class Sending:
     def for_job(cls, job: Job, sender: Sender, limiter: Limiter, stats: RunStats,
                 sleep: Sleep, rng: random.Random, **extra: Any) -> Sending:
         """The parts that follow from the job's retry settings, params and schema."""
-        policy = RetryPolicy(job.retry.max_attempts, job.retry.base_delay_s,
-                             job.retry.max_delay_s)
+        policy = RetryPolicy.from_spec(job.retry)
         schema = job.output.reply_schema if job.output is not None else None
         if schema is not None:
             extra.setdefault("validate", schema_validator(schema))
             extra.setdefault("invalid_reply_retries", job.retry.invalid_reply_retries)
         return cls(sender, limiter, policy, stats, sleep, rng,
                    max_output_tokens=job.max_output_tokens, n_choices=job.choices, **extra)
+
+    @functools.cached_property
+    def retrying(self) -> Retrying:
+        """The retry engine every attempt of the run decides and sleeps through."""
+        return Retrying(self.policy, sleep=self.sleep, rng=self.rng)
 
 
 async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
@@ -354,18 +359,17 @@ async def attempt_row(request: RowRequest, sending: Sending) -> Outcome | None:
                 continue  # the server did nothing wrong: ask again at once
             return Outcome(_result(completion, 0, spent, attempts, sending.n_choices,
                                    rejected=verdict), verdict)
-        # A gateway that fails in itself before anything got through is misconfigured.
-        if failure.verdict is Verdict.ABORT or (failure.gateway_fault and not sending.stats.ok):
+        decision = sending.retrying.decide(attempts, failure, answered=sending.stats.ok > 0)
+        if decision.aborts:
             raise RunAborted(f"the server refused the run: {failure.message}; the "
                              "checkpoint is kept, fix the cause and run again")
         if failure.is_rate_limit:
             sending.stats.rate_limited += 1
             sending.limiter.on_rate_limited(failure.retry_after_s)
-        delay = sending.policy.delay_before_retry(attempts, failure, sending.rng)
-        if delay is None:
+        if decision.delay_s is None:
             return Outcome(RowResult.failed(failure.message, attempts, failure.signature),
                            failure)
-        await sending.sleep(delay)
+        await sending.retrying.sleep(decision.delay_s)
         if sending.stopping():
             return None
 

@@ -183,9 +183,9 @@ class BatchClient:
     """The Files and Batches API over a ``ChatClient``'s session (one per run).
 
     Every call raises a classified ``ApiError`` on failure, exactly as a chat
-    request does; retrying is the caller's policy. What the server answers is
-    checked where it arrives (``batcher.transport.batchwire``): ids of a safe shape only,
-    quoted again in every URL. No answer is read past a cap and no call runs
+    request does; the caller retries it through ``batcher.limits.retry``. What the
+    server answers is checked where it arrives (``batcher.transport.batchwire``): ids
+    of a safe shape only, quoted again in every URL. No answer is read past a cap and no call runs
     without end: a JSON answer is held to ``endpoint.max_response_bytes`` and
     ``endpoint.timeout_s`` in all; an upload or a download streams from and to
     disk, at most ``max_download_bytes``, ``endpoint.timeout_s`` between two
