@@ -13,7 +13,7 @@ from batcher.errors import RunAborted
 from batcher.limits.leases import ClusterLimit, Feedback, Lease, LeasedLimiter, LocalLimit
 from batcher.records import RowResult
 from batcher.store.answers import Answers, AnswerWriter
-from batcher.transport.wire import ServerLimits
+from batcher.transport.ratelimits import ServerLimits
 
 
 class FakeTime:

@@ -10,7 +10,7 @@ import pytest
 from batcher.errors import ApiError, Verdict
 from batcher.limits.pacing import OutputEstimate, RateLimiter
 from batcher.limits.retry import FailureStreak, RetryPolicy
-from batcher.transport.wire import ServerLimits, parse_rate_limits
+from batcher.transport.ratelimits import ServerLimits, parse_rate_limits
 
 
 class ExactLimiter(RateLimiter):

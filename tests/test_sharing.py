@@ -18,12 +18,8 @@ from conftest import job_dict, run_job, write_csv
 from batcher.errors import RunAborted, Verdict
 from batcher.limits.pacing import RateLimiter
 from batcher.mock_server.ratelimit import RateLimiter as MockLimiter
-from batcher.transport.wire import (
-    ServerLimits,
-    classify_error,
-    parse_rate_limits,
-    parse_retry_after,
-)
+from batcher.transport.failures import classify_error
+from batcher.transport.ratelimits import ServerLimits, parse_rate_limits, parse_retry_after
 
 
 class FakeTime:

@@ -80,7 +80,7 @@ from batcher.store.checkpoint import Checkpoint
 from batcher.store.keys import shared_digest
 from batcher.transport.batchwire import Batch, shown
 from batcher.transport.client import BatchClient, ChatClient, Endpoint
-from batcher.transport.wire import server_text
+from batcher.transport.failures import server_text
 
 T = TypeVar("T")
 FINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
