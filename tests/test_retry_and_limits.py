@@ -10,6 +10,7 @@ import pytest
 from batcher.errors import ApiError, Verdict
 from batcher.limits.pacing import OutputEstimate, RateLimiter
 from batcher.limits.retry import FailureStreak, RetryPolicy
+from batcher.testing import FakeClock
 from batcher.transport.ratelimits import ServerLimits, parse_rate_limits
 
 
@@ -18,20 +19,6 @@ class ExactLimiter(RateLimiter):
 
     PACE_FRACTION = 1.0
 
-
-class FakeTime:
-    """A clock that only moves when something sleeps on it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def transient(retry_after: float | None = None) -> ApiError:
@@ -66,7 +53,7 @@ def test_gives_up_after_max_attempts_and_never_retries_terminal_errors() -> None
 
 
 def test_requests_are_paced_evenly_from_the_first_one() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(requests_per_minute=600, tokens_per_minute=None,
                           clock=time.clock, sleep=time.sleep)
 
@@ -83,7 +70,7 @@ def test_requests_are_paced_evenly_from_the_first_one() -> None:
 
 
 def test_token_limit_spaces_by_size_and_a_huge_request_waits_instead_of_failing() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(requests_per_minute=None, tokens_per_minute=6000,
                           clock=time.clock, sleep=time.sleep)  # 100 tokens per second
 
@@ -99,7 +86,7 @@ def test_token_limit_spaces_by_size_and_a_huge_request_waits_instead_of_failing(
 
 
 def test_settle_returns_unused_tokens_and_charges_overruns() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(requests_per_minute=None, tokens_per_minute=6000,
                           clock=time.clock, sleep=time.sleep)
 
@@ -122,7 +109,7 @@ def test_settle_returns_unused_tokens_and_charges_overruns() -> None:
 
 
 def test_idle_time_does_not_build_a_burst() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(requests_per_minute=60, tokens_per_minute=None,
                           clock=time.clock, sleep=time.sleep)
 
@@ -147,7 +134,7 @@ def test_output_estimate_follows_observed_completions() -> None:
 
 
 def test_pace_keeps_a_safety_margin_below_the_limit() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = RateLimiter(requests_per_minute=6000, tokens_per_minute=None,
                           clock=time.clock, sleep=time.sleep)
     assert limiter.rate_per_minute("requests") == pytest.approx(6000 * RateLimiter.PACE_FRACTION)
@@ -155,7 +142,7 @@ def test_pace_keeps_a_safety_margin_below_the_limit() -> None:
 
 
 def test_limits_are_learned_from_headers_but_never_above_the_job() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     unlimited = ExactLimiter(None, None, clock=time.clock, sleep=time.sleep)
     assert unlimited.requests is None
     unlimited.observe(ServerLimits(limit_requests=3000, limit_tokens=90_000), 10)
@@ -169,7 +156,7 @@ def test_limits_are_learned_from_headers_but_never_above_the_job() -> None:
 
 
 def test_low_remaining_headroom_holds_sends_until_refilled() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(None, 6000, clock=time.clock, sleep=time.sleep)  # 100 tok/s
 
     async def scenario() -> float:
@@ -185,7 +172,7 @@ def test_low_remaining_headroom_holds_sends_until_refilled() -> None:
 
 
 def test_headroom_without_a_known_rate_waits_for_the_reset() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(None, None, clock=time.clock, sleep=time.sleep)
 
     async def scenario() -> float:
@@ -197,7 +184,7 @@ def test_headroom_without_a_known_rate_waits_for_the_reset() -> None:
 
 
 def test_a_429_cuts_the_pace_once_per_burst_and_it_recovers() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(6000, None, clock=time.clock, sleep=time.sleep)
     for _ in range(10):  # ten 429s from one window count as one
         limiter.on_rate_limited()
