@@ -21,11 +21,11 @@ from batcher.jobload import job_from_dict
 from batcher.limits.pacing import RateLimiter
 from batcher.limits.retry import RetryPolicy
 from batcher.online.runner import Run, RunOptions, Runtime
-from batcher.plan.pipeline import FunctionSender, RowRequest, Sending, attempt_row
+from batcher.plan.pipeline import RowRequest, Sending, attempt_row
 from batcher.plan.preflight import prepare
 from batcher.progress import RunStats
 from batcher.store.checkpoint import Checkpoint
-from batcher.testing import FakeClock
+from batcher.testing import FakeClock, FunctionSender
 from batcher.transport.wire import Completion
 
 
