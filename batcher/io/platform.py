@@ -7,13 +7,14 @@ Python does:
 
 - **the run lock** (:func:`try_lock`, :func:`unlock`): ``flock`` where ``fcntl``
   exists; ``msvcrt.locking`` on Windows; elsewhere a claim file beside the lock
-  file (``<lock>.pid``, made with ``O_EXCL`` and naming the run's process),
-  taken over once that process is gone. The kernel drops the first two when
+  file (``<lock>.pid``, naming the run's process, linked into place so only
+  one run can make it), taken over once that process is gone. The kernel drops the first two when
   their process dies; a claim is left by a killed run but names a dead
   process, so the next run takes it over.
 - **whether a run holds it** (:func:`lock_held`, for ``batcher status``):
   read from :data:`PROC_LOCKS` where that file exists, so the lock is never
-  touched; otherwise by trying a shared lock for an instant, or reading the
+  touched; otherwise by trying a shared lock for an instant (a run starting
+  in that very instant is refused as if one were running), or reading the
   claim.
 - **positional reads and writes** (:func:`pread`, :func:`pwrite`): ``os.pread``
   where it exists; otherwise seek, read and seek back, under a lock, so the
