@@ -16,7 +16,8 @@ from batcher.mock_server import MockConfig, MockServer
 from batcher.mock_server.calls import parse_call
 from batcher.mock_server.fault_replies import FAULT_KINDS, FAULTS, FaultContext
 from batcher.redact import Redactor
-from batcher.transport.wire import classify_error, parse_completion
+from batcher.transport.failures import classify_error
+from batcher.transport.wire import parse_completion
 
 KEY = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
 

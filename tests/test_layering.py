@@ -46,6 +46,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("limits",),
     # what a job means, shared by every driver: checks before, one row's path, the results write
     ("plan",),
+    # public fakes for embedders and tests: FunctionSender (plan's), a fake clock, the mock server
+    ("testing",),
     # the online driver (batch mode's fallback and Ray's stop handling still import it)
     ("online",),
     # the other drivers, and what reads a run's results: summary, status, report
@@ -244,6 +246,7 @@ def test_the_tables_name_only_modules_that_exist() -> None:
     "import batcher",
     "import batcher.errors",
     "import batcher.mock_server",
+    "from batcher.testing import FakeClock, MockConfig",
     "from batcher import ConfigError, __version__",
 ])
 def test_light_imports_do_not_load_the_heavy_libraries(statement: str) -> None:

@@ -13,22 +13,12 @@ from batcher.errors import RunAborted
 from batcher.limits.leases import ClusterLimit, Feedback, Lease, LeasedLimiter, LocalLimit
 from batcher.records import RowResult
 from batcher.store.answers import Answers, AnswerWriter
-from batcher.transport.wire import ServerLimits
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
+from batcher.testing import FakeClock
+from batcher.transport.ratelimits import ServerLimits
 
 
 def test_a_lone_worker_leases_half_a_second_at_the_whole_rate() -> None:
-    time = FakeTime()
+    time = FakeClock(100.0)
     limit = ClusterLimit(6000, None, time.clock)
     lease = limit.lease("a", Feedback())
     assert lease.requests == round(6000 * ClusterLimit.PACE_FRACTION / 60 * ClusterLimit.LEASE_S)
@@ -38,7 +28,7 @@ def test_a_lone_worker_leases_half_a_second_at_the_whole_rate() -> None:
 
 
 def test_workers_share_the_rate_and_their_leases_never_overlap() -> None:
-    time = FakeTime()
+    time = FakeClock(100.0)
     limit = ClusterLimit(6000, 600_000, time.clock)
     rate = 6000 * ClusterLimit.PACE_FRACTION / 60
     granted = (limit.lease("a", Feedback()).requests or 0) + (
@@ -57,7 +47,7 @@ def test_workers_share_the_rate_and_their_leases_never_overlap() -> None:
 
 
 def test_a_429_heard_by_one_worker_slows_every_worker() -> None:
-    time = FakeTime()
+    time = FakeClock(100.0)
     limit = ClusterLimit(6000, None, time.clock)
     before = limit.lease("b", Feedback()).requests_per_s
     limit.lease("a", Feedback(rate_limited=3))
@@ -69,7 +59,7 @@ def test_a_429_heard_by_one_worker_slows_every_worker() -> None:
 
 
 def test_limits_the_server_announces_pace_a_job_that_set_none() -> None:
-    time = FakeTime()
+    time = FakeClock(100.0)
     limit = ClusterLimit(None, None, time.clock)
     assert limit.lease("a", Feedback()).requests is None
     lease = limit.lease("a", Feedback(learned={"requests": 600}))
@@ -77,7 +67,7 @@ def test_limits_the_server_announces_pace_a_job_that_set_none() -> None:
 
 
 def test_a_bucket_the_server_says_is_empty_holds_every_lease() -> None:
-    time = FakeTime()
+    time = FakeClock(100.0)
     limit = ClusterLimit(600, None, time.clock)
     limit.lease("a", Feedback())
     time.now += 5
@@ -86,7 +76,7 @@ def test_a_bucket_the_server_says_is_empty_holds_every_lease() -> None:
 
 
 def test_a_retry_after_heard_by_one_worker_holds_every_lease() -> None:
-    time = FakeTime()
+    time = FakeClock(100.0)
     limit = ClusterLimit(600, None, time.clock)
     limit.lease("a", Feedback())
     time.now += 5
@@ -94,7 +84,7 @@ def test_a_retry_after_heard_by_one_worker_holds_every_lease() -> None:
 
 
 def test_a_verdict_met_by_one_worker_stops_the_others() -> None:
-    time = FakeTime()
+    time = FakeClock(100.0)
     limit = ClusterLimit(600, None, time.clock)
     limiter = LeasedLimiter(LocalLimit(limit), "b", time.clock, time.sleep)
     limit.lease("a", Feedback(abort="HTTP 401: bad key"))
@@ -103,7 +93,7 @@ def test_a_verdict_met_by_one_worker_stops_the_others() -> None:
 
 
 def test_a_worker_spends_its_leases_at_its_share_of_the_pace() -> None:
-    time = FakeTime()
+    time = FakeClock(100.0)
     limit = ClusterLimit(1200, None, time.clock)
 
     class BusyPeer(LocalLimit):
@@ -130,7 +120,7 @@ def test_a_worker_spends_its_leases_at_its_share_of_the_pace() -> None:
 
 
 def test_a_429_gives_up_the_rest_of_the_lease_and_reports_it() -> None:
-    time = FakeTime()
+    time = FakeClock(100.0)
     limit = ClusterLimit(6000, None, time.clock)
     limiter = LeasedLimiter(LocalLimit(limit), "me", time.clock, time.sleep)
     asyncio.run(limiter.acquire(10))

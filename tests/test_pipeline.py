@@ -21,10 +21,11 @@ from batcher.jobload import job_from_dict
 from batcher.limits.pacing import RateLimiter
 from batcher.limits.retry import RetryPolicy
 from batcher.online.runner import Run, RunOptions, Runtime
-from batcher.plan.pipeline import FunctionSender, RowRequest, Sending, attempt_row
+from batcher.plan.pipeline import RowRequest, Sending, attempt_row
 from batcher.plan.preflight import prepare
 from batcher.progress import RunStats
 from batcher.store.checkpoint import Checkpoint
+from batcher.testing import FakeClock, FunctionSender
 from batcher.transport.wire import Completion
 
 
@@ -39,20 +40,8 @@ def echo(request: dict[str, Any]) -> tuple[int, Any]:
     return reply(f"echo: {request['messages'][-1]['content']}")
 
 
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
 
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
-def sending(sender: FunctionSender, time: FakeTime, **extra: Any) -> Sending:
+def sending(sender: FunctionSender, time: FakeClock, **extra: Any) -> Sending:
     return Sending(sender, RateLimiter(None, None, time.clock, time.sleep),
                    RetryPolicy(max_attempts=3, base_delay_s=1.0), RunStats(), time.sleep,
                    random.Random(7), **extra)
@@ -65,30 +54,30 @@ def request(text: str) -> RowRequest:
 
 
 def test_a_row_is_sent_once_and_its_reply_becomes_an_ok_result() -> None:
-    sender, time = FunctionSender(echo), FakeTime()
+    sender, time = FunctionSender(echo), FakeClock()
     parts = sending(sender, time)
     outcome = asyncio.run(attempt_row(request("hello"), parts))
     assert outcome is not None and outcome.failure is None
     assert outcome.result.status == "ok" and outcome.result.reply == "echo: hello"
     assert (outcome.result.attempts, outcome.result.total_tokens) == (1, 7)
-    assert parts.stats.requests == 1 and len(sender.requests) == 1 and time.slept == []
+    assert parts.stats.requests == 1 and len(sender.requests) == 1 and time.sleeps == []
 
 
 def test_a_transient_error_is_retried_after_a_backoff() -> None:
     answers = iter([(503, {"error": {"message": "overloaded", "type": "server_error"}}),
                     reply("second time lucky")])
-    time = FakeTime()
+    time = FakeClock()
     parts = sending(FunctionSender(lambda _request: next(answers)), time)
     outcome = asyncio.run(attempt_row(request("x"), parts))
     assert outcome is not None and outcome.result.reply == "second time lucky"
     assert outcome.result.attempts == 2 and parts.stats.requests == 2
-    assert len(time.slept) == 1 and 0 <= time.slept[0] <= 1.0
+    assert len(time.sleeps) == 1 and 0 <= time.sleeps[0] <= 1.0
 
 
 def test_a_row_error_is_not_retried_and_keeps_its_reason() -> None:
     sender = FunctionSender(lambda _request: (400, {"error": {
         "message": "unknown parameter: foo", "type": "invalid_request_error"}}))
-    outcome = asyncio.run(attempt_row(request("x"), sending(sender, FakeTime())))
+    outcome = asyncio.run(attempt_row(request("x"), sending(sender, FakeClock())))
     assert outcome is not None and outcome.result.status == "error"
     assert isinstance(outcome.failure, ApiError) and outcome.failure.status == 400
     assert "unknown parameter" in (outcome.result.error or "")
@@ -99,7 +88,7 @@ def test_a_bad_key_aborts_the_run() -> None:
     sender = FunctionSender(lambda _request: (401, {"error": {"message": "bad key",
                                                               "code": "invalid_api_key"}}))
     with pytest.raises(RunAborted, match="refused the run"):
-        asyncio.run(attempt_row(request("x"), sending(sender, FakeTime())))
+        asyncio.run(attempt_row(request("x"), sending(sender, FakeClock())))
     assert len(sender.requests) == 1
 
 
@@ -116,17 +105,17 @@ def test_a_validator_retries_a_rejected_reply_and_accepts_a_good_one() -> None:
     def must_be_json(completion: Completion) -> int | NoLabel:
         return 0 if (completion.reply or "").startswith("{") else NoLabel()
 
-    time = FakeTime()
+    time = FakeClock()
     parts = sending(FunctionSender(lambda _request: next(answers)), time, validate=must_be_json,
                     invalid_reply_retries=1)
     outcome = asyncio.run(attempt_row(request("x"), parts))
     assert outcome is not None and outcome.result.reply == '{"label": "positive"}'
-    assert outcome.result.attempts == 2 and time.slept == []  # asked again at once
+    assert outcome.result.attempts == 2 and time.sleeps == []  # asked again at once
     assert outcome.result.completion_tokens == 4  # both replies' tokens
 
 
 def test_a_reply_rejected_every_time_fails_the_row_with_the_reason() -> None:
-    parts = sending(FunctionSender(echo), FakeTime(), validate=lambda _c: NoLabel(),
+    parts = sending(FunctionSender(echo), FakeClock(), validate=lambda _c: NoLabel(),
                     invalid_reply_retries=2)
     outcome = asyncio.run(attempt_row(request("x"), parts))
     assert outcome is not None and outcome.result.status == "error"
@@ -137,7 +126,7 @@ def test_a_reply_rejected_every_time_fails_the_row_with_the_reason() -> None:
 
 
 def test_a_rejection_that_asking_again_cannot_fix_is_final() -> None:
-    parts = sending(FunctionSender(echo), FakeTime(),
+    parts = sending(FunctionSender(echo), FakeClock(),
                     validate=lambda _c: NoLabel(retryable=False), invalid_reply_retries=2)
     outcome = asyncio.run(attempt_row(request("x"), parts))
     assert outcome is not None and outcome.result.attempts == 1
@@ -151,7 +140,7 @@ def test_a_stop_between_attempts_leaves_the_row_without_an_outcome() -> None:
         stop = True
         return 503, {"error": {"message": "down"}}
 
-    parts = sending(FunctionSender(failing), FakeTime(), stopping=lambda: stop)
+    parts = sending(FunctionSender(failing), FakeClock(), stopping=lambda: stop)
     assert asyncio.run(attempt_row(request("x"), parts)) is None
 
 
@@ -165,7 +154,7 @@ def test_a_whole_run_through_a_fake_sender(tmp_path: Path) -> None:
                         base_dir=tmp_path, source="job", require_output=True)
     prepared = prepare(job)
     sender = FunctionSender(echo)
-    time = FakeTime()
+    time = FakeClock()
     assert job.output is not None
     with Checkpoint(job.output.checkpoint_path) as checkpoint:
         run = Run(prepared, lambda _concurrency: contextlib.nullcontext(sender), checkpoint,

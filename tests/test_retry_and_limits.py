@@ -10,7 +10,8 @@ import pytest
 from batcher.errors import ApiError, Verdict
 from batcher.limits.pacing import OutputEstimate, RateLimiter
 from batcher.limits.retry import FailureStreak, GaveUp, Retrying, RetryPolicy, classify
-from batcher.transport.wire import ServerLimits, parse_rate_limits
+from batcher.testing import FakeClock
+from batcher.transport.ratelimits import ServerLimits, parse_rate_limits
 
 
 class ExactLimiter(RateLimiter):
@@ -18,20 +19,6 @@ class ExactLimiter(RateLimiter):
 
     PACE_FRACTION = 1.0
 
-
-class FakeTime:
-    """A clock that only moves when something sleeps on it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def transient(retry_after: float | None = None) -> ApiError:
@@ -65,7 +52,7 @@ def test_gives_up_after_max_attempts_and_never_retries_terminal_errors() -> None
     assert policy.delay_before_retry(1, abort, rng) is None
 
 
-def engine(time: FakeTime, max_attempts: int = 4, seed: int = 3) -> Retrying:
+def engine(time: FakeClock, max_attempts: int = 4, seed: int = 3) -> Retrying:
     return Retrying(RetryPolicy(max_attempts=max_attempts, base_delay_s=1.0, max_delay_s=8.0),
                     sleep=time.sleep, rng=random.Random(seed), clock=time.clock)
 
@@ -85,11 +72,11 @@ class Calls:
 
 
 def test_the_engine_waits_the_policy_s_delays_between_attempts() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     call = Calls(transient(), transient(), transient(retry_after=5.0))
     assert asyncio.run(engine(time).call(call)) == "done"
     assert call.made == 4
-    rng, policy = random.Random(3), engine(FakeTime()).policy
+    rng, policy = random.Random(3), engine(FakeClock(1000.0)).policy
     expected = [policy.delay_before_retry(n, error, rng)
                 for n, error in [(1, transient()), (2, transient()),
                                  (3, transient(retry_after=5.0))]]
@@ -98,7 +85,7 @@ def test_the_engine_waits_the_policy_s_delays_between_attempts() -> None:
 
 
 def test_the_engine_gives_up_after_the_last_attempt_saying_how_long_it_tried() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     call = Calls(*(transient() for _ in range(10)))
     with pytest.raises(GaveUp) as gave_up:
         asyncio.run(engine(time, max_attempts=3).call(call))
@@ -114,7 +101,7 @@ def test_the_engine_gives_up_after_the_last_attempt_saying_how_long_it_tried() -
     (ApiError(Verdict.ABORT, "HTTP 401", status=401), Verdict.ABORT),
 ])
 def test_the_engine_never_retries_a_terminal_error(error: ApiError, verdict: Verdict) -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     call = Calls(error)
     with pytest.raises(GaveUp) as gave_up:
         asyncio.run(engine(time).call(call))
@@ -125,7 +112,7 @@ def test_the_engine_never_retries_a_terminal_error(error: ApiError, verdict: Ver
 
 def test_a_recheck_after_the_wait_can_end_the_retries() -> None:
     """A create whose answer was lost: look it up before creating again."""
-    time = FakeTime()
+    time = FakeClock(1000.0)
     call = Calls(transient(), transient())
     looked: list[float] = []
 
@@ -143,13 +130,13 @@ def test_a_gateway_failing_in_itself_aborts_until_a_request_got_through() -> Non
                      gateway_fault=True)
     assert classify(fault, answered=False) is Verdict.ABORT
     assert classify(fault, answered=True) is Verdict.RETRY
-    decided = engine(FakeTime()).decide(1, fault, answered=False)
+    decided = engine(FakeClock(1000.0)).decide(1, fault, answered=False)
     assert decided.aborts and decided.delay_s is None
-    assert engine(FakeTime()).decide(1, fault).delay_s is not None
+    assert engine(FakeClock(1000.0)).decide(1, fault).delay_s is not None
 
 
 def test_requests_are_paced_evenly_from_the_first_one() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(requests_per_minute=600, tokens_per_minute=None,
                           clock=time.clock, sleep=time.sleep)
 
@@ -166,7 +153,7 @@ def test_requests_are_paced_evenly_from_the_first_one() -> None:
 
 
 def test_token_limit_spaces_by_size_and_a_huge_request_waits_instead_of_failing() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(requests_per_minute=None, tokens_per_minute=6000,
                           clock=time.clock, sleep=time.sleep)  # 100 tokens per second
 
@@ -182,7 +169,7 @@ def test_token_limit_spaces_by_size_and_a_huge_request_waits_instead_of_failing(
 
 
 def test_settle_returns_unused_tokens_and_charges_overruns() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(requests_per_minute=None, tokens_per_minute=6000,
                           clock=time.clock, sleep=time.sleep)
 
@@ -205,7 +192,7 @@ def test_settle_returns_unused_tokens_and_charges_overruns() -> None:
 
 
 def test_idle_time_does_not_build_a_burst() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(requests_per_minute=60, tokens_per_minute=None,
                           clock=time.clock, sleep=time.sleep)
 
@@ -230,7 +217,7 @@ def test_output_estimate_follows_observed_completions() -> None:
 
 
 def test_pace_keeps_a_safety_margin_below_the_limit() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = RateLimiter(requests_per_minute=6000, tokens_per_minute=None,
                           clock=time.clock, sleep=time.sleep)
     assert limiter.rate_per_minute("requests") == pytest.approx(6000 * RateLimiter.PACE_FRACTION)
@@ -238,7 +225,7 @@ def test_pace_keeps_a_safety_margin_below_the_limit() -> None:
 
 
 def test_limits_are_learned_from_headers_but_never_above_the_job() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     unlimited = ExactLimiter(None, None, clock=time.clock, sleep=time.sleep)
     assert unlimited.requests is None
     unlimited.observe(ServerLimits(limit_requests=3000, limit_tokens=90_000), 10)
@@ -252,7 +239,7 @@ def test_limits_are_learned_from_headers_but_never_above_the_job() -> None:
 
 
 def test_low_remaining_headroom_holds_sends_until_refilled() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(None, 6000, clock=time.clock, sleep=time.sleep)  # 100 tok/s
 
     async def scenario() -> float:
@@ -268,7 +255,7 @@ def test_low_remaining_headroom_holds_sends_until_refilled() -> None:
 
 
 def test_headroom_without_a_known_rate_waits_for_the_reset() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(None, None, clock=time.clock, sleep=time.sleep)
 
     async def scenario() -> float:
@@ -280,7 +267,7 @@ def test_headroom_without_a_known_rate_waits_for_the_reset() -> None:
 
 
 def test_a_429_cuts_the_pace_once_per_burst_and_it_recovers() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = ExactLimiter(6000, None, clock=time.clock, sleep=time.sleep)
     for _ in range(10):  # ten 429s from one window count as one
         limiter.on_rate_limited()

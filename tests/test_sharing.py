@@ -18,24 +18,9 @@ from conftest import job_dict, run_job, write_csv
 from batcher.errors import RunAborted, Verdict
 from batcher.limits.pacing import RateLimiter
 from batcher.mock_server.ratelimit import RateLimiter as MockLimiter
-from batcher.transport.wire import (
-    ServerLimits,
-    classify_error,
-    parse_rate_limits,
-    parse_retry_after,
-)
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
+from batcher.testing import FakeClock
+from batcher.transport.failures import classify_error
+from batcher.transport.ratelimits import ServerLimits, parse_rate_limits, parse_retry_after
 
 # -- header names ------------------------------------------------------------------------
 
@@ -117,7 +102,7 @@ def test_a_misconfigured_gateway_stops_at_once(tmp_path: Path, make_mock: Any,
 
 def test_another_client_on_the_key_slows_batcher_smoothly_and_it_climbs_back() -> None:
     """Simulate a 1 s sliding window of 100 requests that another client shares."""
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = RateLimiter(6000, None, clock=time.clock, sleep=time.sleep)
     server = MockLimiter(6000, None, 1.0, background_rpm=2400, now=time.now)
     rates = []
@@ -149,7 +134,7 @@ def test_another_client_on_the_key_slows_batcher_smoothly_and_it_climbs_back() -
 
 
 def test_a_fixed_window_is_spread_over_what_is_left_of_it() -> None:
-    time = FakeTime()
+    time = FakeClock(1000.0)
     limiter = RateLimiter(6000, None, clock=time.clock, sleep=time.sleep)
     refused = 0
 
@@ -170,11 +155,11 @@ def test_a_fixed_window_is_spread_over_what_is_left_of_it() -> None:
     assert refused <= 3  # the first window only, before its kind is known
 
 
-class VirtualTime(FakeTime):
+class VirtualTime(FakeClock):
     """Sleepers wake in order of their wake-up times, as on a real clock."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(1000.0)
         self._wakeups: list[tuple[float, int, asyncio.Future[None]]] = []
 
     async def sleep(self, seconds: float) -> None:

@@ -6,7 +6,9 @@ import orjson
 import pytest
 
 from batcher.errors import ApiError, Verdict
-from batcher.transport.wire import classify_error, parse_completion, parse_retry_after
+from batcher.transport.failures import classify_error
+from batcher.transport.ratelimits import parse_retry_after
+from batcher.transport.wire import parse_completion
 
 
 def body(data: object) -> bytes:

@@ -50,7 +50,7 @@ from batcher.records import RowResult
 from batcher.redact import Redactor
 from batcher.store.checkpoint import Checkpoint
 from batcher.transport.client import BatchClient, ChatClient, Endpoint
-from batcher.transport.wire import server_text
+from batcher.transport.failures import server_text
 
 _BATCH_CONNECTIONS = 4
 _MAX_SAID_CHARS = 1000  # a line of the log, whatever the service put in it

@@ -31,7 +31,8 @@ from batcher.io.safefiles import open_private, private_folder
 from batcher.records import STATUS_ERROR, STATUS_OK, RowResult
 from batcher.redact import mask_key_shapes
 from batcher.structured import ReplyProblem, ReplySchema
-from batcher.transport.wire import classify_error, one_line, parse_completion, server_text
+from batcher.transport.failures import classify_error, one_line, server_text
+from batcher.transport.wire import parse_completion
 
 Clean = Callable[[str], str]
 

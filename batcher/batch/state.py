@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 
 from batcher.errors import CheckpointError, OutputError, fresh_option
+from batcher.io import platform
 from batcher.io.safefiles import check_path, open_private, private_folder
 from batcher.plan.paths import work_folder
 from batcher.transport.batchwire import STATUS, is_safe_id, is_time
@@ -165,11 +166,7 @@ class BatchState:
                 handle.flush()
                 os.fsync(handle.fileno())
             temp.replace(self.path)
-            directory = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            platform.sync_folder(self.folder)
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot save the batch state ({exc.strerror})"
                               ) from None
@@ -193,7 +190,7 @@ class BatchState:
 def _read_private(path: Path) -> bytes:
     """A file of the work folder, read only when it is ours and others may not write it."""
     check_path(path, "batch state", private=True)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | platform.SAFE_OPEN)
     with os.fdopen(fd, "rb") as handle:
         return handle.read()
 

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.errors import OutputError
+from batcher.io import platform
 from batcher.io.safefiles import check_path
 from batcher.io.schema_columns import SchemaColumns
 from batcher.records import (
@@ -192,8 +193,7 @@ def write_results(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatc
             stale.unlink(missing_ok=True)
         temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         # 0o666 less the umask, as any new file; O_EXCL|O_NOFOLLOW: never a planted file.
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o666)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | platform.SAFE_OPEN, 0o666)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write results ({exc.strerror})") from None
     escape = csv_escape_formulas and path.suffix.lower() == ".csv"
@@ -207,7 +207,7 @@ def write_results(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatc
             writer.close()
             handle.flush()
             with contextlib.suppress(FileNotFoundError):  # keep the replaced file's mode
-                os.fchmod(handle.fileno(), stat.S_IMODE(path.stat().st_mode))
+                platform.set_mode(handle.fileno(), stat.S_IMODE(path.stat().st_mode))
             os.fsync(handle.fileno())
         temp.replace(path)
     except OSError as exc:

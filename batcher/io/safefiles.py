@@ -15,6 +15,10 @@ and a folder others may write (they could plant, swap or delete what is
 in it); files are opened by :func:`open_private` (0600, never through a
 link) or replaced whole by :func:`write_private` (the report, the summary,
 the results stamp).
+
+Where files have no owners or POSIX modes (Windows: ``batcher.io.platform``'s
+``OWNER`` is None), the user's access lists guard them and the owner and mode
+checks are skipped; the link checks remain.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import stat
 from pathlib import Path
 
 from batcher.errors import OutputError
+from batcher.io import platform
 
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 _OPEN_TO_OTHERS = stat.S_IRWXG | stat.S_IRWXO
@@ -45,7 +50,7 @@ def open_private(path: Path, what: str, flags: int = os.O_RDWR) -> int:
     """Open (creating, mode 0600) a file only this user may read; never through a link."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags | os.O_CREAT | platform.SAFE_OPEN, 0o600)
     except OSError as exc:
         if path.is_symlink():
             _refuse_link(path, what)
@@ -63,7 +68,9 @@ def _check_stat(path: Path, what: str, info: os.stat_result, *, private: bool) -
         _refuse_link(path, what)
     if not stat.S_ISREG(info.st_mode):
         raise OutputError(f"{path}: the {what} path exists and is not a regular file")
-    if info.st_uid != os.geteuid():
+    if platform.OWNER is None:
+        return
+    if info.st_uid != platform.OWNER:
         raise OutputError(f"{path}: the {what} belongs to another user (uid {info.st_uid}); "
                           "batcher only reuses its own files: delete it or choose another path")
     if private and info.st_mode & _WRITABLE_BY_OTHERS:
@@ -86,7 +93,7 @@ def private_folder(path: Path, what: str, *, create: bool = True) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 path.mkdir(mode=0o700)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = platform.open_folder(path)
     except FileNotFoundError:
         if create:
             raise OutputError(f"{path}: cannot create the {what}") from None
@@ -98,8 +105,15 @@ def private_folder(path: Path, what: str, *, create: bool = True) -> None:
             raise OutputError(f"{path}: the {what} path exists and is not a folder") from None
         raise OutputError(f"{path}: cannot use it as the {what} ({exc.strerror})") from None
     try:
-        info = os.fstat(fd)
-        if info.st_uid != os.geteuid():
+        # Without an open folder (Windows), lstat: the link and type checks come first.
+        info = path.lstat() if fd is None else os.fstat(fd)
+        if stat.S_ISLNK(info.st_mode):
+            _refuse_link(path, what)
+        if not stat.S_ISDIR(info.st_mode):
+            raise OutputError(f"{path}: the {what} path exists and is not a folder")
+        if platform.OWNER is None:
+            return
+        if info.st_uid != platform.OWNER:
             raise OutputError(f"{path}: the {what} belongs to another user (uid "
                               f"{info.st_uid}); batcher only uses its own folders: delete it "
                               "or choose another output.checkpoint")
@@ -109,9 +123,10 @@ def private_folder(path: Path, what: str, *, create: bool = True) -> None:
                 f"{stat.S_IMODE(info.st_mode):04o}), so they could plant, swap or delete its "
                 "files; delete it, or run chmod 700 on it if you know its files are yours")
         if info.st_mode & _OPEN_TO_OTHERS:
-            os.fchmod(fd, 0o700)
+            platform.set_mode(path if fd is None else fd, 0o700)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def write_private(path: Path, data: bytes, what: str) -> None:
@@ -124,8 +139,7 @@ def write_private(path: Path, data: bytes, what: str) -> None:
     check_path(path, what, private=False)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | platform.SAFE_OPEN, 0o600)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write the {what} ({exc.strerror})") from None
     try:
@@ -140,8 +154,8 @@ def write_private(path: Path, data: bytes, what: str) -> None:
 
 def make_private(fd: int) -> None:
     """Narrow an open file of ours to 0600 (a checkpoint copied with a umask of 022)."""
-    if os.fstat(fd).st_mode & _OPEN_TO_OTHERS:
-        os.fchmod(fd, 0o600)
+    if platform.OWNER is not None and os.fstat(fd).st_mode & _OPEN_TO_OTHERS:
+        platform.set_mode(fd, 0o600)
 
 
 def _refuse_link(path: Path, what: str) -> None:

@@ -53,7 +53,7 @@ from typing import Protocol
 
 from batcher.errors import RunAborted
 from batcher.limits.pacing import Clock, Pacer, RateLimiter, Reservation, Sleep
-from batcher.transport.wire import ServerLimits
+from batcher.transport.ratelimits import ServerLimits
 
 LIMITS = ("requests", "tokens")
 

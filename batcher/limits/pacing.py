@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from batcher.transport.wire import ServerLimits
+from batcher.transport.ratelimits import ServerLimits
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]

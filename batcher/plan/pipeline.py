@@ -50,14 +50,9 @@ from batcher.store.checkpoint import Checkpoint
 from batcher.store.keys import RowKeys
 from batcher.structured import ReplyProblem, ReplySchema
 from batcher.transport.client import Response
-from batcher.transport.wire import (
-    Completion,
-    ServerLimits,
-    classify_error,
-    parse_completion,
-    parse_rate_limits,
-    request_body,
-)
+from batcher.transport.failures import classify_error
+from batcher.transport.ratelimits import ServerLimits, parse_rate_limits
+from batcher.transport.wire import Completion, parse_completion, request_body
 
 if TYPE_CHECKING:  # record batches come from batcher.io.inputs; pyarrow is its concern
     import pyarrow as pa

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import glob
 import logging
 import os
@@ -73,6 +72,7 @@ from batcher.errors import (
     RunAborted,
     RunInProgress,
 )
+from batcher.io import platform
 from batcher.io.inputs import id_strings
 from batcher.io.outputs import result_fields
 from batcher.io.safefiles import open_private, private_folder
@@ -504,14 +504,16 @@ def run_job_on_ray(path: Path, *, fresh: bool = False, progress: bool = True,
 @contextlib.contextmanager
 def _run_lock(folder: Path) -> Iterator[None]:
     private_folder(folder, "journal folder")
-    fd = open_private(folder / ".lock", "lock file")
+    lock = folder / ".lock"
+    fd = open_private(lock, "lock file")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not platform.try_lock(fd, lock):
             raise RunInProgress(f"{folder}: another batcher run of this job is in progress; "
-                                  "wait for it to finish") from None
-        yield
+                                "wait for it to finish")
+        try:
+            yield
+        finally:
+            platform.unlock(fd, lock)
     finally:
         os.close(fd)
 

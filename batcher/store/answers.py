@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 
 from batcher.errors import OutputError
+from batcher.io import platform
 from batcher.io.safefiles import open_private, private_folder
 from batcher.records import RowResult
 from batcher.store.keys import KEY_BYTES
@@ -95,8 +96,8 @@ class Answers:
         hits = np.flatnonzero((at >= 0) & (self._keys[np.maximum(at, 0)] == wanted))
         for row in hits.tolist():
             place = int(at[row])
-            line = os.pread(self._fd(int(self._file[place])), int(self._length[place]),
-                            int(self._offset[place]))
+            line = platform.pread(self._fd(int(self._file[place])), int(self._length[place]),
+                                  int(self._offset[place]))
             record = orjson.loads(line)
             del record["k"]
             found[row] = record
@@ -110,7 +111,7 @@ class Answers:
     def _fd(self, number: int) -> int:
         fd = self._fds.get(number)
         if fd is None:
-            fd = self._fds[number] = os.open(self._files[number], os.O_RDONLY)
+            fd = self._fds[number] = os.open(self._files[number], os.O_RDONLY | platform.BINARY)
         return fd
 
 

@@ -14,8 +14,10 @@ reading lines back one batch at a time, never the whole journal at once.
 Answers are never removed: a row that leaves the input and comes back
 later is answered from here again. ``fresh`` discards everything.
 
-A lock file held with ``flock`` stops a second run of the same job; the
-kernel drops it when its process dies, so a crash never leaves it stuck.
+A lock file stops a second run of the same job (``flock``, or its fallback
+in ``batcher.io.platform``); a crash never leaves it stuck: the kernel drops a
+lock when its process dies, and a fallback claim naming a dead process is
+taken over.
 The index is ``batcher.store.keyindex``'s; reading beside a run, without the lock,
 is ``batcher.store.journal``'s.
 
@@ -26,7 +28,6 @@ torn-line repair, the lock) is kept in one place with the code that writes it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ import numpy as np
 import orjson
 
 from batcher.errors import CheckpointError, OutputError, RunInProgress, fresh_option
+from batcher.io import platform
 from batcher.io.safefiles import make_private, open_private
 from batcher.records import RESULT_FIELDS, STATUS_OK, RowResult
 from batcher.store.keyindex import KeyIndex
@@ -69,7 +71,7 @@ class Checkpoint:
             self._fd = self._open(fresh)
             self._opened_size = os.lseek(self._fd, 0, os.SEEK_END)
         except BaseException:
-            os.close(self._lock_fd)
+            _release_lock(self._lock_fd, path)
             raise
 
     # -- queries ----------------------------------------------------------------------------
@@ -114,14 +116,14 @@ class Checkpoint:
         ends = starts + lengths[present]
         low, high = int(starts.min()), int(ends.max())
         if high - low <= 4 * int(lengths[present].sum()) + READ_CHUNK:
-            span = memoryview(os.pread(self._fd, high - low, low))
+            span = memoryview(platform.pread(self._fd, high - low, low))
             for row, begin, end in zip(present.tolist(), (starts - low).tolist(),
                                        (ends - low).tolist(), strict=True):
                 records[row] = orjson.loads(span[begin:end])
         else:
             for row, begin, end in zip(present.tolist(), starts.tolist(), ends.tolist(),
                                        strict=True):
-                records[row] = orjson.loads(os.pread(self._fd, end - begin, begin))
+                records[row] = orjson.loads(platform.pread(self._fd, end - begin, begin))
         return records
 
     # -- writing ----------------------------------------------------------------------------
@@ -163,7 +165,7 @@ class Checkpoint:
     def record_at(self, place: tuple[int, int]) -> RowResult:
         """The outcome stored in the line ``append`` reported."""
         offset, length = place
-        record = orjson.loads(os.pread(self._fd, length, offset))
+        record = orjson.loads(platform.pread(self._fd, length, offset))
         return RowResult(**{name: record.get(name) for name in RESULT_FIELDS})
 
     def sync(self) -> None:
@@ -174,7 +176,7 @@ class Checkpoint:
             os.close(self._fd)
             self._fd = -1
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)
+            _release_lock(self._lock_fd, self.path)
             self._lock_fd = -1
 
     def __enter__(self) -> Checkpoint:
@@ -206,7 +208,7 @@ class Checkpoint:
                               ) + b"\n"
         try:
             os.ftruncate(fd, 0)
-            written = os.pwrite(fd, header, 0)
+            written = platform.pwrite(fd, header, 0)
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot write the checkpoint ({exc.strerror})"
                               ) from None
@@ -218,7 +220,7 @@ class Checkpoint:
         check_version(header, self.path)
         offset = len(header_line) + 1
         pending = b""
-        while chunk := os.pread(fd, READ_CHUNK, offset + len(pending)):
+        while chunk := platform.pread(fd, READ_CHUNK, offset + len(pending)):
             data = pending + chunk
             end = data.rfind(b"\n") + 1
             if end:
@@ -272,7 +274,7 @@ def verify_checkpoint(path: Path, fresh: bool = False) -> None:
     ``fresh``: a checkpoint of any version, which ``--fresh`` replaces; never a
     file that is no checkpoint)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | platform.SAFE_OPEN)
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -317,10 +319,10 @@ def check_version(header: dict[str, Any], path: Path) -> None:
 
 def _holds_no_rows(fd: int) -> bool:
     """Empty, or only a header torn by a kill or a full disk: nothing was recorded."""
-    head = os.pread(fd, len(_HEADER_PREFIX) + 1, 0)
+    head = platform.pread(fd, len(_HEADER_PREFIX) + 1, 0)
     if not head:
         return True
-    if b"\n" in os.pread(fd, 4096, 0):
+    if b"\n" in platform.pread(fd, 4096, 0):
         return False
     return _HEADER_PREFIX.startswith(head[: len(_HEADER_PREFIX)])
 
@@ -329,7 +331,7 @@ def _read_first_line(fd: int, limit: int) -> bytes | None:
     """The first line, or None when there is none within ``limit`` bytes."""
     data = b""
     while b"\n" not in data:
-        chunk = os.pread(fd, 4096, len(data))
+        chunk = platform.pread(fd, 4096, len(data))
         if not chunk or len(data) > limit:
             return None
         data += chunk
@@ -345,10 +347,18 @@ def _acquire_lock(path: Path) -> int:
     fd = open_private(lock_path, "lock file")
     try:
         make_private(fd)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        locked = platform.try_lock(fd, lock_path)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not locked:
         os.close(fd)
         raise RunInProgress(
             f"{path}: another batcher run of this job is in progress (lock {lock_path.name} "
-            "is held); wait for it to finish") from None
+            "is held); wait for it to finish")
     return fd
+
+
+def _release_lock(fd: int, path: Path) -> None:
+    platform.unlock(fd, lock_path_for(path))
+    os.close(fd)

@@ -2,7 +2,8 @@
 
 Without the lock and without writing anything, so a run that is appending is
 not disturbed: a last line still being written (or torn by a kill) is left
-out, and whether a run holds the lock is read from ``/proc/locks``.
+out, and whether a run holds the lock is asked of ``batcher.io.platform``
+(``/proc/locks`` where there is one).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import orjson
 
 from batcher.errors import CheckpointError
+from batcher.io import platform
 from batcher.store.checkpoint import READ_CHUNK, check_version, lock_path_for, read_header
 
 
@@ -28,7 +30,7 @@ def read_journal(path: Path) -> Iterator[dict[str, Any]]:
     version reads.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | platform.BINARY)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no checkpoint yet (the job has not run)") from None
     except OSError as exc:
@@ -45,7 +47,7 @@ def read_journal(path: Path) -> Iterator[dict[str, Any]]:
 def _records(path: Path, fd: int, offset: int) -> Iterator[dict[str, Any]]:
     try:
         pending = b""
-        while chunk := os.pread(fd, READ_CHUNK, offset):
+        while chunk := platform.pread(fd, READ_CHUNK, offset):
             offset += len(chunk)
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()  # no newline yet: still being written, or torn
@@ -60,15 +62,5 @@ def _records(path: Path, fd: int, offset: int) -> Iterator[dict[str, Any]]:
 
 
 def run_in_progress(path: Path) -> bool | None:
-    """Whether a run holds this checkpoint's lock, read from ``/proc/locks``
-    without touching the lock (None where that file does not exist)."""
-    try:
-        info = lock_path_for(path).stat()
-        table = Path("/proc/locks").read_text(encoding="ascii")
-    except FileNotFoundError:
-        return False if Path("/proc/locks").exists() else None
-    except OSError:
-        return None
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    return any(fields[1] == "FLOCK" and fields[5] == device
-               for fields in (line.split() for line in table.splitlines()) if len(fields) > 5)
+    """Whether a run holds this checkpoint's lock (None where that cannot be told)."""
+    return platform.lock_held(lock_path_for(path))

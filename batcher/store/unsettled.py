@@ -31,6 +31,7 @@ from pathlib import Path
 import orjson
 
 from batcher.errors import OutputError
+from batcher.io import platform
 from batcher.io.safefiles import make_private, open_private
 
 _WHAT = "budget's record of unanswered requests"
@@ -115,7 +116,7 @@ def _read(fd: int) -> dict[bytes, tuple[float, int]]:
     """Unsettled worst cases by key. A line that is not the ledger's (torn by a kill
     mid-write) is skipped: it is the last one, and at most one request's."""
     data = b""
-    while chunk := os.pread(fd, 1 << 20, len(data)):
+    while chunk := platform.pread(fd, 1 << 20, len(data)):
         data += chunk
     carried: dict[bytes, tuple[float, int]] = {}
     for line in data.splitlines():

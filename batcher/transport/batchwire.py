@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batcher.errors import ApiError, Verdict
-from batcher.transport.wire import one_line
+from batcher.transport.failures import one_line
 
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,255}")
 """A batch or file id batcher accepts: OpenAI's ``batch_abc``/``file-abc``, UUIDs, and

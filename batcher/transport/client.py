@@ -26,14 +26,8 @@ from batcher.errors import ApiError, ConfigError, Verdict
 from batcher.io.safefiles import open_private
 from batcher.redact import MASK, Redactor, redact_url
 from batcher.transport.batchwire import Batch, Page, parse_batch, parse_page, safe_id
-from batcher.transport.wire import (
-    MAX_LABEL_CHARS,
-    Completion,
-    classify_error,
-    one_line,
-    parse_completion,
-    server_text,
-)
+from batcher.transport.failures import MAX_LABEL_CHARS, classify_error, one_line, server_text
+from batcher.transport.wire import Completion, parse_completion
 
 
 @dataclass(frozen=True)
