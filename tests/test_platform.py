@@ -83,7 +83,7 @@ def test_without_fcntl_pread_and_proc_a_run_locks_resumes_and_is_seen_running(
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=30)
-    assert second.returncode == 2, second.stderr
+    assert second.returncode == 75, second.stderr
     assert "another batcher run of this job is in progress" in second.stderr
     assert status.returncode == 0, status.stderr
     assert "test-job: running" in status.stdout
