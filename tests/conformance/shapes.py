@@ -77,6 +77,11 @@ def blanks_csv(folder: Path) -> Path:
                                                              strict=True)])
 
 
+def read_blanks_csv(path: Path) -> pd.DataFrame:
+    """Empty cells as empty text, as batcher reads a text column (pandas' default: NaN)."""
+    return pd.read_csv(path, keep_default_na=False)
+
+
 def duplicates_csv(folder: Path) -> Path:
     texts = DUPLICATES
     return write_csv(folder / "in.csv", ["id", "text"],
@@ -163,7 +168,8 @@ SHAPES: tuple[Shape, ...] = (
     Shape("schema_in_prompt", plain_csv, PLAIN,
           {"output": {"schema": SCHEMA, "schema_mode": "prompt"}}),
     Shape("n_choices", plain_csv, PLAIN, {"params": {"n": 3}}),
-    Shape("blank_cells", blanks_csv, tuple(text.strip() or None for text in BLANKS)),
+    Shape("blank_cells", blanks_csv, tuple(text.strip() or None for text in BLANKS),
+          read_input=read_blanks_csv),
     Shape("duplicates_shared", duplicates_csv, tuple(DUPLICATES), {"duplicates": "share"},
           refused_by={"notebook": "duplicates"}),
     Shape("csv_numbers", numbers_csv,
