@@ -134,7 +134,7 @@ def test_another_client_on_the_key_slows_batcher_smoothly_and_it_climbs_back() -
             else:
                 refused += 1
                 limiter.on_rate_limited()
-            rates.append(limiter.rate_per_minute("requests") or 0)
+            rates.append(limiter.requests.pace_per_minute or 0)
         return admitted, refused
 
     admitted, refused = asyncio.run(run(20))
@@ -144,7 +144,7 @@ def test_another_client_on_the_key_slows_batcher_smoothly_and_it_climbs_back() -
     server._background_gap = None  # the other client goes away
     admitted, refused = asyncio.run(run(10))
     assert admitted / 10 >= 0.85 * 100  # most of the window again, climb included
-    climbed = limiter.rate_per_minute("requests")
+    climbed = limiter.requests.pace_per_minute
     assert climbed is not None and climbed >= 0.95 * 6000 * RateLimiter.PACE_FRACTION
 
 
