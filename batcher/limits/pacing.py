@@ -168,7 +168,7 @@ class RateLimiter:
         for quantity, remaining, reset_s, needed in reports:
             if remaining is None:
                 continue
-            headroom = quantity.headroom(remaining, reset_s, sent, now)
+            headroom = quantity.headroom(remaining, reset_s, sent, now, needed)
             headrooms.append((quantity, headroom, reset_s, needed))
             if sent is not None:
                 changed |= quantity.steer(remaining, reset_s, headroom, sent)
@@ -182,8 +182,9 @@ class RateLimiter:
         send nothing until the server's ``retry_after_s`` (the other rows' requests
         would only earn 429s of their own, and some limiters count those too)."""
         now = self._clock()
-        if retry_after_s is not None:
-            for quantity in self._quantities:
+        for quantity in self._quantities:
+            quantity.overran(now)
+            if retry_after_s is not None:
                 quantity.hold_until(now + retry_after_s)
         if now - self._last_decrease < self.DECREASE_SPACING_S:
             return

@@ -10,6 +10,8 @@ one per quantity and books every request on both.
 
 from __future__ import annotations
 
+import math
+
 from batcher.limits.pacer import Clock, Pacer, Reservation
 from batcher.limits.sharing import OwnSends, Share
 
@@ -23,6 +25,7 @@ class Quantity:
     MIN_HORIZON_S = 0.05  # a reset just about to pass must not make the pace jump
     CLASSIFY_AFTER_S = 0.05  # reset times compared this far apart tell the window's kind
     FIXED_DRIFT = 0.25  # a deadline moving slower than this per second is a fixed window's
+    SLACK_HALF_LIFE_S = 30.0  # the margin a 429 adds against timing jitter halves this fast
 
     def __init__(self, name: str, job_limit: float | None, clock: Clock, *,
                  reserve: int = 0) -> None:
@@ -37,6 +40,9 @@ class Quantity:
         self._clock = clock
         self._fraction = 1.0
         self._deadline: tuple[float, float] | None = None  # a reset's deadline, seen when
+        self._last_needed = 0  # what the next request needed at the last response
+        self._slack = 0.0
+        self._slack_at = 0.0
 
     # -- the pace -------------------------------------------------------------------------
 
@@ -81,16 +87,22 @@ class Quantity:
     # -- what a response says -------------------------------------------------------------
 
     def headroom(self, remaining: int, reset_s: float | None, sent: Reservation | None,
-                 now: float) -> float:
-        """What is left now of a ``remaining`` count taken when ``sent`` was admitted:
-        less our sends since and less what other clients took meanwhile (a refill is not
-        counted on: it may be ours), plus what a sliding window let go of since."""
+                 now: float, needed: int) -> float:
+        """What is left, when our pace sends the next request (of ``needed``), of a
+        ``remaining`` count taken when ``sent`` was admitted: less our sends since and
+        less what other clients took meanwhile (a refill is not counted on: it may be
+        ours), plus what a sliding window has let go of by then."""
         if sent is None:
             return float(remaining)
         drain = max(0.0, self.share.drain or 0.0)
         headroom = remaining - self.sent.since(sent.start, now) - drain * (now - sent.start)
         if reset_s and not self.fixed_window:
-            headroom += self.sent.between(sent.start - reset_s, now - reset_s)
+            # Our sends of one window earlier leave it, up to the next turn: without that
+            # turn's part, a pace near the limit (one request's room left per window
+            # at 99%) would hold every turn for room that comes back just before it.
+            rate = self.pace_per_minute
+            next_turn = now + (needed / (rate / 60) if rate else 0.0)
+            headroom += self.sent.between(sent.start - reset_s, next_turn - reset_s)
         return headroom
 
     def steer(self, remaining: int, reset_s: float | None, headroom: float,
@@ -127,14 +139,32 @@ class Quantity:
         now = self._clock()
         if reset_s is not None:
             self._classify_window(now + reset_s, now)
-        if headroom >= needed + self.reserve:
+        self._last_needed = needed
+        wanted = needed + self.reserve + self.slack(now)
+        if headroom >= wanted:
             return
         waits = [] if reset_s is None else [reset_s]
         rate = self.pace_per_minute
         if rate is not None and not self.fixed_window:  # nothing refills a fixed window early
-            waits.append((needed + self.reserve - headroom) / (rate / 60))
+            waits.append((wanted - headroom) / (rate / 60))
         if waits:
             self.hold_until(now + min(waits))
+
+    def overran(self, now: float) -> None:
+        """A 429 came. Unless the :class:`Share` already keeps its margin for another
+        client, our own sends reached the server bunched closer than the pace (timing
+        jitter on a busy machine): keep one more request's worth free from now on, a
+        margin that fades while no 429 comes. A quiet machine keeps the whole pace."""
+        if self.share.margin >= Share.TARGET:
+            return
+        self._slack = self.slack(now) + self._last_needed
+        self._slack_at = now
+
+    def slack(self, now: float) -> float:
+        """Units kept free against timing jitter, learned from 429s (see :meth:`overran`)."""
+        if not self._slack:
+            return 0.0
+        return self._slack * math.exp2(-(now - self._slack_at) / self.SLACK_HALF_LIFE_S)
 
     def _classify_window(self, deadline: float, now: float) -> None:
         """A fixed window's reset time counts down to one deadline; a sliding window's

@@ -78,6 +78,7 @@ class Share:
         self.capacity = 0.0
         self.drain: float | None = None
         self.others: float | None = None
+        self.margin = 0.0  # of the limit, kept free against the jitter of two senders
         self.window_start: float | None = None
         self._anchor: tuple[float, int] | None = None
 
@@ -91,8 +92,8 @@ class Share:
         # Keep TARGET of the window free against the jitter of two senders; the margin
         # grows in with the others' use, so a key of our own keeps its whole pace.
         used = self.others / limit_per_s
-        margin = self.TARGET * min(1.0, used / self.MARGIN_FULL_AT)
-        value = min(1.0, max(self.MIN, 1 - used - margin))
+        self.margin = self.TARGET * min(1.0, used / self.MARGIN_FULL_AT)
+        value = min(1.0, max(self.MIN, 1 - used - self.margin))
         changed = value != self.value
         self.value = value
         return changed
