@@ -314,6 +314,16 @@ def test_mock_background_client_takes_its_share_of_the_window() -> None:
     assert server.background_admitted >= 30
 
 
+def test_mock_counts_what_it_admitted_per_window_without_the_other_client() -> None:
+    server = MockLimiter(600, 10_000, 1.0, background_rpm=120, now=0.0)
+    for moment in (0.0, 0.5, 1.2, 1.3, 2.9):
+        assert server.admit(moment, 50).admitted
+    assert server.background_admitted >= 2  # the other client went too, and is not counted
+    assert (server.admitted.requests, server.admitted.tokens) == ([2, 2, 1], [100, 100, 50])
+    server.reset()
+    assert server.admitted.requests == []
+
+
 def test_a_per_key_limit_under_gateway_names_earns_no_429s(tmp_path: Path,
                                                            make_mock: Any) -> None:
     server = make_mock(requests_per_minute=1200, window_s=1.0, window_kind="from_first",

@@ -37,7 +37,7 @@ from .limit_replies import (
     rejection_body,
     rejection_headers,
 )
-from .windows import FixedWindow, Log, WindowKind, WindowLog
+from .windows import Admitted, FixedWindow, Log, WindowKind, WindowLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,7 @@ class RateLimiter:
         self._background_next = self._clock(now)
         self.background_admitted = 0
         self.background_dropped = 0
+        self.admitted = Admitted(window_s)
 
     def _log(self, limit: int | None) -> Log | None:
         if not limit:
@@ -178,6 +179,7 @@ class RateLimiter:
         if refused_by is None:
             if tok is not None:
                 tok.add(now, tokens)
+            self.admitted.add(now, tokens)
             return Verdict(True, self.headers(headers_now))
 
         wait: float | None = None
@@ -200,6 +202,7 @@ class RateLimiter:
         for log in (self._requests, self._tokens):
             if log is not None:
                 log.clear()
+        self.admitted.clear()
 
     def error_body(self, model: str, rejection: Rejection) -> dict[str, Any]:
         """The 429 body for ``rejection`` in the ``rejection_style``'s shape."""

@@ -117,3 +117,33 @@ class FixedWindow:
 
 
 Log = WindowLog | FixedWindow
+
+
+class Admitted:
+    """What the clients (not the simulated other client) were admitted, requests and
+    tokens, in consecutive windows of ``window_s`` from the first admission: a
+    benchmark's utilization by the server's own count, free of the client's start-up
+    and of when its rows were written."""
+
+    __slots__ = ("_first", "requests", "tokens", "window_s")
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._first: float | None = None
+        self.requests: list[int] = []
+        self.tokens: list[int] = []
+
+    def add(self, now: float, tokens: int) -> None:
+        if self._first is None:
+            self._first = now
+        index = int((now - self._first) // self.window_s)
+        while len(self.requests) <= index:
+            self.requests.append(0)
+            self.tokens.append(0)
+        self.requests[index] += 1
+        self.tokens[index] += tokens
+
+    def clear(self) -> None:
+        self._first = None
+        self.requests.clear()
+        self.tokens.clear()
