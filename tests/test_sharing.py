@@ -256,7 +256,7 @@ def test_alone_on_a_sliding_window_the_pace_holds_at_the_limit_without_429s() ->
 
 def test_a_429_alone_keeps_one_request_more_free_and_the_margin_fades() -> None:
     time = FakeTime()
-    tokens = Quantity("tokens", 6000, time.clock)  # 100 tokens a second
+    tokens = Quantity(6000, time.clock)  # 100 tokens a second
     tokens.set_pace(1.0)
     tokens.respect_headroom(100.0, None, 100)
     assert tokens.pacer is not None and tokens.pacer.held_until == float("-inf")  # room enough
@@ -269,7 +269,7 @@ def test_a_429_alone_keeps_one_request_more_free_and_the_margin_fades() -> None:
 
 def test_with_another_client_a_429_adds_no_margin_beyond_the_shares() -> None:
     time = FakeTime()
-    requests = Quantity("requests", 6000, time.clock)
+    requests = Quantity(6000, time.clock)
     requests.share.observe_others(30.0, 100.0)  # another client takes 30% of the window
     requests.respect_headroom(5.0, 1.0, 1)
     requests.overran(time.now)

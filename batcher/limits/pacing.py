@@ -61,12 +61,14 @@ class RateLimiter:
     net of batcher's own requests, what is used is their doing. Each quantity's
     :class:`batcher.limits.sharing.Share` slows its pace smoothly to what they leave
     and lets it climb back when they go. When the headroom (the reported count, less
-    our requests sent since, plus what a sliding window has let go of since) is still
-    too small for the next request, sends are held until the server has refilled
+    our requests sent since, plus what a sliding window lets go of by our next turn) is
+    still too small for the next request, sends are held until the server has refilled
     enough, or, in a fixed window, until it resets. One request is kept in reserve,
     for limiters whose count is one too generous (LiteLLM's router reports one more
-    request remaining than it admits). Turns are booked only shortly before they
-    come, so a pace that changes, or a hold, applies to requests already waiting.
+    request remaining than it admits), and after a 429 with nobody else on the key a
+    fading slack against timing jitter (:meth:`batcher.limits.quantity.Quantity.overran`).
+    Turns are booked only shortly before they come, so a pace that changes, or a hold,
+    applies to requests already waiting.
     """
 
     PACE_FRACTION = 0.99  # of a limit: timing jitter must not push a window over
@@ -81,9 +83,9 @@ class RateLimiter:
                  clock: Clock, sleep: Sleep) -> None:
         self._clock = clock
         self._sleep = sleep
-        self.requests = Quantity("requests", requests_per_minute, clock,
+        self.requests = Quantity(requests_per_minute, clock,
                                  reserve=self.RESERVE_REQUESTS)
-        self.tokens = Quantity("tokens", tokens_per_minute, clock)
+        self.tokens = Quantity(tokens_per_minute, clock)
         self._quantities = (self.requests, self.tokens)
         self.factor = 1.0
         self._factor_at = clock()

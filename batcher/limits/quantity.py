@@ -19,7 +19,10 @@ from batcher.limits.sharing import OwnSends, Share
 class Quantity:
     """One limit: ``job_limit`` per minute as the job set it (None: unset), and
     ``reserve`` units held back from any count the server reports (for servers whose
-    count is one too generous)."""
+    count is one too generous). A 429 with no other client measured on the key adds a
+    *slack* of one request's worth to what is held back (our own sends bunched by
+    timing jitter); it fades with a half-life of ``SLACK_HALF_LIFE_S``, so a quiet
+    machine paces at the whole limit and a busy one keeps what its jitter needs."""
 
     UNKNOWN_RATE_PER_S = 1e9  # a pacer that never spaces sends, only honours holds
     MIN_HORIZON_S = 0.05  # a reset just about to pass must not make the pace jump
@@ -27,9 +30,7 @@ class Quantity:
     FIXED_DRIFT = 0.25  # a deadline moving slower than this per second is a fixed window's
     SLACK_HALF_LIFE_S = 30.0  # the margin a 429 adds against timing jitter halves this fast
 
-    def __init__(self, name: str, job_limit: float | None, clock: Clock, *,
-                 reserve: int = 0) -> None:
-        self.name = name
+    def __init__(self, job_limit: float | None, clock: Clock, *, reserve: int = 0) -> None:
         self.job_limit = job_limit
         self.server_limit: float | None = None
         self.reserve = reserve
