@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 
 from batcher.mock_server import FaultRule, MockConfig, MockServer, reply_for
 from batcher.mock_server.calls import parse_call
-from batcher.mock_server.ratelimit import RateLimiter, go_duration
+from batcher.mock_server.limit_replies import go_duration
+from batcher.mock_server.ratelimit import RateLimiter
 from batcher.mock_server.stats import PRESENT
 
 # A warning raised in the server thread (unclosed session, unawaited task...) fails the test.

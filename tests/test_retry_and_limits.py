@@ -176,16 +176,16 @@ def test_settle_returns_unused_tokens_and_charges_overruns() -> None:
     async def scenario() -> float:
         reservation = await limiter.acquire(500)  # books 5 s
         limiter.settle(reservation, 100)  # only 1 s worth was used
-        assert limiter.tokens is not None
-        return limiter.tokens.next_free
+        assert limiter.tokens.pacer is not None
+        return limiter.tokens.pacer.next_free
 
     assert asyncio.run(scenario()) == pytest.approx(1001.0)
 
     async def overrun() -> float:
         reservation = await limiter.acquire(100)
         limiter.settle(reservation, 300)
-        assert limiter.tokens is not None
-        return limiter.tokens.next_free
+        assert limiter.tokens.pacer is not None
+        return limiter.tokens.pacer.next_free
 
     time.now = 2000.0
     assert asyncio.run(overrun()) == pytest.approx(2003.0)
@@ -220,22 +220,22 @@ def test_pace_keeps_a_safety_margin_below_the_limit() -> None:
     time = FakeClock(1000.0)
     limiter = RateLimiter(requests_per_minute=6000, tokens_per_minute=None,
                           clock=time.clock, sleep=time.sleep)
-    assert limiter.rate_per_minute("requests") == pytest.approx(6000 * RateLimiter.PACE_FRACTION)
+    assert limiter.requests.pace_per_minute == pytest.approx(6000 * RateLimiter.PACE_FRACTION)
     assert 0.97 <= RateLimiter.PACE_FRACTION < 1
 
 
 def test_limits_are_learned_from_headers_but_never_above_the_job() -> None:
     time = FakeClock(1000.0)
     unlimited = ExactLimiter(None, None, clock=time.clock, sleep=time.sleep)
-    assert unlimited.requests is None
+    assert unlimited.requests.pacer is None
     unlimited.observe(ServerLimits(limit_requests=3000, limit_tokens=90_000), 10)
-    assert unlimited.rate_per_minute("requests") == 3000
-    assert unlimited.rate_per_minute("tokens") == 90_000
+    assert unlimited.requests.pace_per_minute == 3000
+    assert unlimited.tokens.pace_per_minute == 90_000
     capped = ExactLimiter(600, None, clock=time.clock, sleep=time.sleep)
     capped.observe(ServerLimits(limit_requests=10_000), 10)
-    assert capped.rate_per_minute("requests") == 600  # the job's limit wins when lower
+    assert capped.requests.pace_per_minute == 600  # the job's limit wins when lower
     capped.observe(ServerLimits(limit_requests=300), 10)
-    assert capped.rate_per_minute("requests") == 300  # the server's, when lower
+    assert capped.requests.pace_per_minute == 300  # the server's, when lower
 
 
 def test_low_remaining_headroom_holds_sends_until_refilled() -> None:
@@ -272,7 +272,7 @@ def test_a_429_cuts_the_pace_once_per_burst_and_it_recovers() -> None:
     for _ in range(10):  # ten 429s from one window count as one
         limiter.on_rate_limited()
     assert limiter.factor == pytest.approx(RateLimiter.DECREASE)
-    assert limiter.rate_per_minute("requests") == pytest.approx(6000 * RateLimiter.DECREASE)
+    assert limiter.requests.pace_per_minute == pytest.approx(6000 * RateLimiter.DECREASE)
     time.now += 2.0
     limiter.on_rate_limited()
     assert limiter.factor == pytest.approx(
@@ -283,7 +283,7 @@ def test_a_429_cuts_the_pace_once_per_burst_and_it_recovers() -> None:
         await limiter.acquire(1)
 
     asyncio.run(one())
-    assert limiter.factor == 1.0 and limiter.rate_per_minute("requests") == 6000
+    assert limiter.factor == 1.0 and limiter.requests.pace_per_minute == 6000
 
 
 def test_header_parsing() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import random
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from conftest import job_dict, run_job, write_csv
 
 from batcher.errors import RunAborted, Verdict
 from batcher.limits.pacing import RateLimiter
+from batcher.limits.quantity import Quantity
 from batcher.mock_server.ratelimit import RateLimiter as MockLimiter
 from batcher.testing import FakeClock
 from batcher.transport.failures import classify_error
@@ -119,7 +121,7 @@ def test_another_client_on_the_key_slows_batcher_smoothly_and_it_climbs_back() -
             else:
                 refused += 1
                 limiter.on_rate_limited()
-            rates.append(limiter.rate_per_minute("requests") or 0)
+            rates.append(limiter.requests.pace_per_minute or 0)
         return admitted, refused
 
     admitted, refused = asyncio.run(run(20))
@@ -129,7 +131,7 @@ def test_another_client_on_the_key_slows_batcher_smoothly_and_it_climbs_back() -
     server._background_gap = None  # the other client goes away
     admitted, refused = asyncio.run(run(10))
     assert admitted / 10 >= 0.85 * 100  # most of the window again, climb included
-    climbed = limiter.rate_per_minute("requests")
+    climbed = limiter.requests.pace_per_minute
     assert climbed is not None and climbed >= 0.95 * 6000 * RateLimiter.PACE_FRACTION
 
 
@@ -198,6 +200,67 @@ def test_a_hold_respaces_requests_already_booked() -> None:
     assert later[1] - later[0] >= 0.1 - 1e-9  # and went spaced, not in one burst
 
 
+def test_alone_on_a_sliding_window_the_pace_holds_at_the_limit_without_429s() -> None:
+    """16 requests in flight, each reaching the server up to 3 ms after its turn, 50 ms
+    replies, a TPM limit over 1 s sliding windows and no other client: room that comes
+    back before the next turn holds no turn, so the server admits what the pace sends
+    (0.99 of the limit), not 0.98 of it."""
+    time = VirtualTime()
+    transit = random.Random(7)
+    limiter = RateLimiter(6000, 400_000, clock=time.clock, sleep=time.sleep)
+    server = MockLimiter(6000, 400_000, 1.0, now=time.now)
+    end = time.now + 12.0
+    admitted: list[float] = []
+    refused = 0
+
+    async def worker() -> None:
+        nonlocal refused
+        while time.now < end:
+            sent = await limiter.acquire(80)
+            await time.sleep(transit.uniform(0.0, 0.003))
+            verdict = server.admit(time.now, 79)  # the server counts one token less
+            if verdict.admitted:
+                admitted.append(time.now)
+                await time.sleep(0.05)
+            limiter.observe(parse_rate_limits(verdict.headers), 80, sent=sent)
+            if verdict.admitted:
+                limiter.settle(sent, 79)
+            else:
+                refused += 1
+                limiter.on_rate_limited(verdict.rejection.retry_after_s
+                                        if verdict.rejection else None)
+
+    async def scenario() -> None:
+        await time.drive([asyncio.create_task(worker()) for _ in range(16)])
+
+    asyncio.run(scenario())
+    steady = [moment for moment in admitted if 1003.0 <= moment < 1011.0]
+    assert refused == 0
+    assert len(steady) * 79 / 8.0 >= 0.985 * 400_000 / 60
+
+
+def test_a_429_alone_keeps_one_request_more_free_and_the_margin_fades() -> None:
+    time = FakeClock(1000.0)
+    tokens = Quantity(6000, time.clock)  # 100 tokens a second
+    tokens.set_pace(1.0)
+    tokens.respect_headroom(100.0, None, 100)
+    assert tokens.pacer is not None and tokens.pacer.held_until == float("-inf")  # room enough
+    tokens.overran(time.now)  # a 429 with nobody else measured on the key: our own jitter
+    tokens.respect_headroom(100.0, None, 100)
+    assert tokens.pacer.held_until == pytest.approx(time.now + 1.0)  # 100 more, at 100/s
+    time.now += 10 * Quantity.SLACK_HALF_LIFE_S
+    assert tokens.slack(time.now) < 0.1
+
+
+def test_with_another_client_a_429_adds_no_margin_beyond_the_shares() -> None:
+    time = FakeClock(1000.0)
+    requests = Quantity(6000, time.clock)
+    requests.share.observe_others(30.0, 100.0)  # another client takes 30% of the window
+    requests.respect_headroom(5.0, 1.0, 1)
+    requests.overran(time.now)
+    assert requests.slack(time.now) == 0.0
+
+
 # -- the mock's gateway conditions ---------------------------------------------------------
 
 
@@ -234,6 +297,16 @@ def test_mock_background_client_takes_its_share_of_the_window() -> None:
     verdict = server.admit(10.0, 1)
     assert verdict.headers["x-ratelimit-remaining-requests"] == str(100 - 30 - 1)
     assert server.background_admitted >= 30
+
+
+def test_mock_counts_what_it_admitted_per_window_without_the_other_client() -> None:
+    server = MockLimiter(600, 10_000, 1.0, background_rpm=120, now=0.0)
+    for moment in (0.0, 0.5, 1.2, 1.3, 2.9):
+        assert server.admit(moment, 50).admitted
+    assert server.background_admitted >= 2  # the other client went too, and is not counted
+    assert (server.admitted.requests, server.admitted.tokens) == ([2, 2, 1], [100, 100, 50])
+    server.reset()
+    assert server.admitted.requests == []
 
 
 def test_a_per_key_limit_under_gateway_names_earns_no_429s(tmp_path: Path,

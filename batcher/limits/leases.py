@@ -8,7 +8,7 @@ every request would make the coordination cost grow with the request rate;
 instead:
 
 - A :class:`ClusterLimit` (one per run; on Ray it lives in a named actor) keeps the
-  run's global pace on a timeline -- one :class:`batcher.limits.pacing.Pacer` per
+  run's global pace on a timeline -- one :class:`batcher.limits.pacer.Pacer` per
   limit at the global rate, the same reservation pacer a single machine uses
   -- and hands out *leases*: a slice of about ``LEASE_S`` seconds' worth of
   requests and tokens, sized to the worker's share of the rate (the rate
@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from batcher.errors import RunAborted
-from batcher.limits.pacing import Clock, Pacer, RateLimiter, Reservation, Sleep
+from batcher.limits.pacer import Clock, Pacer, Reservation, Sleep
+from batcher.limits.pacing import RateLimiter
 from batcher.transport.ratelimits import ServerLimits
 
 LIMITS = ("requests", "tokens")

@@ -248,7 +248,11 @@ async def _stats(request: web.Request) -> web.Response:
     state = request.app[STATE]
     limiter = state.limiter
     background = {"admitted": limiter.background_admitted, "dropped": limiter.background_dropped}
-    return _json(200, {**state.stats.public(), "background": background})
+    admitted = limiter.admitted
+    windows = {"window_s": admitted.window_s, "requests": admitted.requests,
+               "tokens": admitted.tokens}
+    return _json(200, {**state.stats.public(), "background": background,
+                       "admitted_per_window": windows})
 
 
 async def _reset(request: web.Request) -> web.Response:

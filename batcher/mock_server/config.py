@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import get_args
 
 from .fault_replies import FAULT_KINDS
-from .ratelimit import RejectionStyle, WindowKind
+from .limit_replies import RejectionStyle
+from .windows import WindowKind
 
 
 def check_loopback(host: str) -> None:

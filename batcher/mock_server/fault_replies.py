@@ -16,7 +16,7 @@ from typing import Any
 
 from .calls import Call
 from .instances import violate
-from .ratelimit import RATE_LIMITS_URL, go_duration, retry_headers
+from .limit_replies import RATE_LIMITS_URL, go_duration, retry_headers
 from .replies import reply_for
 from .responses import (
     Reply,

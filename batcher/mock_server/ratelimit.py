@@ -1,7 +1,7 @@
-"""Server-side RPM/TPM enforcement and the headers OpenAI and LiteLLM send about it.
+"""Server-side RPM/TPM enforcement and the rate-limit headers OpenAI and LiteLLM send.
 
 Each limit admits at most ``limit * window_s / 60`` requests (or tokens) per
-window of ``window_s`` seconds. The window is, by ``window_kind``:
+window of ``window_s`` seconds (:mod:`.windows`). The window is, by ``window_kind``:
 
 * ``sliding``: the last ``window_s`` seconds (OpenAI's short-window enforcement);
 * ``calendar``: fixed windows aligned to multiples of ``window_s`` in wall-clock
@@ -15,175 +15,29 @@ request remaining than will be admitted (LiteLLM's router); ``scope`` reports
 the limits under LiteLLM's per-key or per-team names
 (``x-ratelimit-api_key-remaining-requests``, no reset header); another client
 on the same key (``background_rpm``) takes its requests from the same windows
-at an even pace, each request it cannot fit being dropped.
+at an even pace, each request it cannot fit being dropped. What a 429 says, in
+each dialect, is :mod:`.limit_replies`.
 
 The limiter is a plain object driven by an explicit ``now``, so its arithmetic
 is tested without sleeping. It runs on the server's event loop only and needs
 no lock.
-
-Longer than most modules because the sliding and fixed windows, the header
-dialects and another client on the key are one limiter: the one batcher's
-pacing is measured against.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-from .responses import error_body
-
-RATE_LIMITS_URL = "https://platform.openai.com/account/rate-limits"
-WindowKind = Literal["sliding", "calendar", "from_first"]
-RejectionStyle = Literal["openai", "litellm_key", "litellm_router"]
-
-
-def go_duration(seconds: float) -> str:
-    """Format like Go's ``time.Duration``, as OpenAI's reset headers do (``6m0s``, ``120ms``).
-
-    Rounded up to whole milliseconds, so any wait of a nanosecond or more never reads ``0s``.
-    """
-    ms = math.ceil(seconds * 1000 - 1e-6) if seconds > 0 else 0
-    if ms <= 0:
-        return "0s"
-    if ms < 1000:
-        return f"{ms}ms"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs = str(rest // 1000) if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
-
-
-def retry_headers(seconds: float) -> dict[str, str]:
-    """``retry-after-ms`` (what the OpenAI SDK reads first) and an integer ``retry-after`` >= 1."""
-    return {
-        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
-        "retry-after": str(max(1, math.ceil(seconds))),
-    }
-
-
-class _WindowLog:
-    """Amounts admitted within the last ``window_s`` seconds."""
-
-    __slots__ = ("_entries", "capacity", "limit", "used", "window_s")
-
-    def __init__(self, limit: int, window_s: float) -> None:
-        self.limit = limit
-        self.capacity = limit * window_s / 60
-        self.window_s = window_s
-        self.used = 0
-        self._entries: deque[tuple[float, int]] = deque()
-
-    def prune(self, now: float) -> None:
-        horizon = now - self.window_s
-        entries = self._entries
-        while entries and entries[0][0] <= horizon:
-            self.used -= entries.popleft()[1]
-
-    def fits(self, amount: int) -> bool:
-        return self.used + amount <= self.capacity
-
-    def add(self, now: float, amount: int) -> None:
-        self._entries.append((now, amount))
-        self.used += amount
-
-    def wait_for(self, amount: int, now: float) -> float:
-        """Seconds until ``amount`` more fits; ``amount`` must not exceed the capacity."""
-        excess = self.used + amount - self.capacity
-        if excess <= 0:
-            return 0.0
-        freed = 0
-        for stamp, amount_then in self._entries:
-            freed += amount_then
-            if freed >= excess:
-                return max(0.0, stamp + self.window_s - now)
-        raise ValueError(f"{amount} can never fit a capacity of {self.capacity:g}")
-
-    def reset_in(self, now: float) -> float:
-        """Seconds until the log is empty again ("resets to its initial state")."""
-        return max(0.0, self._entries[-1][0] + self.window_s - now) if self._entries else 0.0
-
-    def remaining(self) -> int:
-        return max(0, math.floor(self.capacity - self.used))
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.used = 0
-
-
-class _FixedWindow:
-    """Amounts admitted in the current fixed window; the whole allowance returns at its end.
-
-    ``start_at_first`` starts a window with the first request after the last one ended
-    (LiteLLM's per-key counters); otherwise windows sit on multiples of ``window_s``
-    of the clock given as ``now`` (calendar minutes, when ``now`` is wall-clock time).
-    """
-
-    __slots__ = ("_start", "capacity", "limit", "start_at_first", "used", "window_s")
-
-    def __init__(self, limit: int, window_s: float, *, start_at_first: bool) -> None:
-        self.limit = limit
-        self.capacity = limit * window_s / 60
-        self.window_s = window_s
-        self.start_at_first = start_at_first
-        self.used = 0
-        self._start: float | None = None
-
-    def prune(self, now: float) -> None:
-        if self._start is not None and now >= self._start + self.window_s:
-            self.used = 0
-            self._start = None
-        if self._start is None and not self.start_at_first:
-            self._start = math.floor(now / self.window_s) * self.window_s
-
-    def fits(self, amount: int) -> bool:
-        return self.used + amount <= self.capacity
-
-    def add(self, now: float, amount: int) -> None:
-        if self._start is None:
-            self._start = now
-        self.used += amount
-
-    def wait_for(self, amount: int, now: float) -> float:
-        if self.used + amount <= self.capacity:
-            return 0.0
-        if amount > self.capacity:
-            raise ValueError(f"{amount} can never fit a capacity of {self.capacity:g}")
-        return self.reset_in(now)
-
-    def reset_in(self, now: float) -> float:
-        return 0.0 if self._start is None else max(0.0, self._start + self.window_s - now)
-
-    def remaining(self) -> int:
-        return max(0, math.floor(self.capacity - self.used))
-
-    def clear(self) -> None:
-        self.used = 0
-        self._start = None
-
-
-_Log = _WindowLog | _FixedWindow
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """Why a request was refused, in the terms OpenAI's 429 message uses."""
-
-    kind: str
-    """``requests`` or ``tokens``: the error ``type`` of the 429."""
-    limit: int
-    used: int
-    requested: int
-    retry_after_s: float | None
-    """``None`` when the request is larger than a whole window and can never pass."""
+from .limit_replies import (
+    Rejection,
+    RejectionStyle,
+    go_duration,
+    rejection_body,
+    rejection_headers,
+)
+from .windows import Admitted, FixedWindow, Log, WindowKind, WindowLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,13 +88,14 @@ class RateLimiter:
         self._background_next = self._clock(now)
         self.background_admitted = 0
         self.background_dropped = 0
+        self.admitted = Admitted(window_s)
 
-    def _log(self, limit: int | None) -> _Log | None:
+    def _log(self, limit: int | None) -> Log | None:
         if not limit:
             return None
         if self.window_kind == "sliding":
-            return _WindowLog(limit, self.window_s)
-        return _FixedWindow(limit, self.window_s, start_at_first=self.window_kind == "from_first")
+            return WindowLog(limit, self.window_s)
+        return FixedWindow(limit, self.window_s, start_at_first=self.window_kind == "from_first")
 
     @property
     def enabled(self) -> bool:
@@ -312,7 +167,7 @@ class RateLimiter:
         if tok is not None:
             tok.prune(now)
 
-        refused_by: _Log | None = None
+        refused_by: Log | None = None
         requested = 1
         if req is not None and not req.fits(1):
             refused_by = req
@@ -324,6 +179,7 @@ class RateLimiter:
         if refused_by is None:
             if tok is not None:
                 tok.add(now, tokens)
+            self.admitted.add(now, tokens)
             return Verdict(True, self.headers(headers_now))
 
         wait: float | None = None
@@ -339,67 +195,15 @@ class RateLimiter:
         return Verdict(False, self.headers(headers_now), rejection)
 
     def rejection_headers(self, rejection: Rejection) -> dict[str, str]:
-        """The wait a 429 advertises, in the headers its ``rejection_style`` uses.
-
-        LiteLLM's per-key limiter always says a whole window (and names the limit type
-        and a reset time); its router's 429 carries the wait only as
-        ``llm_provider-retry-after``.
-        """
-        wait = rejection.retry_after_s
-        if self.rejection_style == "litellm_key":
-            reset_at = datetime.fromtimestamp(time.time() + self.window_s, UTC)
-            return {"retry-after": str(max(1, math.ceil(self.window_s))),
-                    "rate_limit_type": rejection.kind,
-                    "reset_at": reset_at.strftime("%Y-%m-%d %H:%M:%S UTC")}
-        if wait is None:
-            return {}
-        if self.rejection_style == "litellm_router":
-            return {"llm_provider-retry-after": str(max(1, math.ceil(wait)))}
-        return retry_headers(wait)
+        """The wait a 429 advertises, in the headers its ``rejection_style`` uses."""
+        return rejection_headers(rejection, self.rejection_style, self.window_s)
 
     def reset(self) -> None:
         for log in (self._requests, self._tokens):
             if log is not None:
                 log.clear()
+        self.admitted.clear()
 
     def error_body(self, model: str, rejection: Rejection) -> dict[str, Any]:
         """The 429 body for ``rejection`` in the ``rejection_style``'s shape."""
-        if self.rejection_style != "openai":
-            return self._litellm_body(model, rejection)
-        return self._openai_body(model, rejection)
-
-    def _litellm_body(self, model: str, rejection: Rejection) -> dict[str, Any]:
-        """LiteLLM's envelope: the status again as a string ``code``, ``"None"`` type."""
-        if self.rejection_style == "litellm_key":
-            message = (f"Rate limit exceeded for {self.scope or 'api_key'}: mock-key-hash. "
-                       f"Limit type: {rejection.kind}. Current limit: {rejection.limit}, "
-                       "Remaining: 0.")
-        else:
-            unit = "rpm" if rejection.kind == "requests" else "tpm"
-            message = (f"litellm.RateLimitError: Deployment over defined {unit} limit="
-                       f"{rejection.limit}. current usage={rejection.used}")
-        return {"error": {"message": message, "type": "None", "param": "None", "code": "429"}}
-
-    def _openai_body(self, model: str, rejection: Rejection) -> dict[str, Any]:
-        """OpenAI's 429 body for ``rejection``, with its "Please try again in" wait."""
-        unit = "requests per min (RPM)" if rejection.kind == "requests" else "tokens per min (TPM)"
-        note = ""
-        if self.window_s != 60:
-            per_window = rejection.limit * self.window_s / 60
-            note = f" (This mock enforces it as {per_window:g} per {self.window_s:g}s window.)"
-        if rejection.retry_after_s is None:
-            message = (
-                f"Request too large for {model} in organization org-mock on {unit}: "
-                f"Limit {rejection.limit}, Requested {rejection.requested}.{note} "
-                "The input or output tokens must be reduced in order to run successfully. "
-                f"Visit {RATE_LIMITS_URL} to learn more."
-            )
-        else:
-            message = (
-                f"Rate limit reached for {model} in organization org-mock on {unit}: "
-                f"Limit {rejection.limit}, Used {rejection.used}, "
-                f"Requested {rejection.requested}.{note} "
-                f"Please try again in {go_duration(rejection.retry_after_s)}. "
-                f"Visit {RATE_LIMITS_URL} to learn more."
-            )
-        return error_body(message, rejection.kind, None, "rate_limit_exceeded")
+        return rejection_body(model, rejection, self.rejection_style, self.window_s, self.scope)

@@ -130,3 +130,15 @@ def _read_line(stream: IO[bytes], timeout_s: float) -> str:
 def by_status(stats: dict[str, Any]) -> dict[int, int]:
     return {int(status): count for status, count in stats.get("by_status", {}).items()}
 
+
+
+def use_per_window(stats: dict[str, Any], quantity: str, limit_per_min: float) -> float:
+    """The mock's own count of what it admitted (``requests`` or ``tokens``, the other
+    client's left out), over its windows, as a share of ``limit_per_min``. The first and
+    the last window are partial (start-up, the last rows) and left out."""
+    admitted = stats.get("admitted_per_window", {})
+    inner = admitted.get(quantity, [])[1:-1]
+    if not inner:
+        return 0.0
+    capacity = limit_per_min * float(admitted["window_s"]) / 60
+    return sum(inner) / (len(inner) * capacity)
