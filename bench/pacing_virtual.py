@@ -125,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transit-ms", type=float, nargs="+", default=[3.0, 15.0],
                         help="the longest transit to the server, one run each")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--small", action="store_true",
+                        help="CI's quick mode: 15 virtual seconds, 3 ms transit only")
     args = parser.parse_args(argv)
+    if args.small:
+        args.seconds, args.transit_ms = 15.0, [3.0]
     print(f"virtual time, {args.seconds:g} s per run; concurrency {CONCURRENCY}, replies "
           f"after {LATENCY_S:g} s, 1 s sliding windows; seed {args.seed}\n")
     print(f"{'scenario':<14}{'transit ms':>11}{'utilization':>13}{'429s':>6}")

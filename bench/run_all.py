@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("utilization", "overhead", "memory", "resume", "rerun", "sharing",
-              "ray_utilization")
+BENCHMARKS = ("utilization", "pacing_virtual", "overhead", "memory", "resume", "rerun",
+              "sharing", "ray_utilization")
 PROFILED = ("overhead", "resume")
 
 
