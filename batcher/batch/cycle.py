@@ -67,11 +67,13 @@ from batcher.errors import (
     Verdict,
 )
 from batcher.limits.retry import RetryPolicy
-from batcher.online.runner import Run, RunOptions, RunReport, Runtime, signals_handled
+from batcher.online.runner import Run, RunOptions, RunReport, Runtime
+from batcher.online.stopping import signals_handled
 from batcher.plan.finish import write_results_file
 from batcher.plan.paths import work_folder
-from batcher.plan.pipeline import Sender, row_cost, row_request
+from batcher.plan.pipeline import Sender
 from batcher.plan.preflight import Prepared
+from batcher.plan.usage import row_cost
 from batcher.pricing import Price
 from batcher.progress import RunStats
 from batcher.records import RowResult
@@ -114,9 +116,8 @@ def plan_shards(prepared: Prepared, checkpoint: Checkpoint | None) -> BatchPlan:
     job = prepared.job
     spec = job.batch
     requests = shards = lines = size = 0
-    renderer = prepared.renderer()
-    for row in (row for plan in prepared.plans(checkpoint, renderer) for row in plan.pending):
-        request = row_request(row, job, renderer)
+    for row in (row for plan in prepared.plans(checkpoint) for row in plan.pending):
+        request = prepared.request(row)
         if isinstance(request, RowResult):
             continue
         body = request.body
@@ -245,13 +246,12 @@ class BatchRun:
             state.save()
 
         self._checkpoint.refresh()  # answers collected by this run count as answered
-        renderer = self.prepared.renderer()
         try:
-            for plan in self.prepared.plans(self._checkpoint, renderer):
+            for plan in self.prepared.plans(self._checkpoint):
                 for row in plan.pending:
                     if row.key.hex() in claimed:
                         continue
-                    request = row_request(row, job, renderer)
+                    request = self.prepared.request(row)
                     if isinstance(request, RowResult):
                         # The input's fault: counted, never stored (see batcher.plan.finish).
                         self.stats.record(row.position, request)
