@@ -46,7 +46,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("limits",),
     # what a job means, shared by every driver: checks before, one row's path, the results write
     ("plan",),
-    # the online driver (batch mode's fallback and Ray's stop handling still import it)
+    # the online driver (batch mode's fallback still imports it)
     ("online",),
     # the other drivers, and what reads a run's results: summary, status, report
     ("batch", "raydata", "reporting"),
