@@ -231,7 +231,8 @@ def _release(budget: Budget | None, hold: Hold | None, key: bytes | None = None)
 
 
 def first_cause(group: BaseExceptionGroup) -> BaseException:
-    """The exception that brought a task group down: a ``BatcherError`` if any."""
+    """The exception that brought a task group of rows down (every driver sends its
+    rows in one): a ``BatcherError`` if any, not the cancellations it caused."""
     leaves: list[BaseException] = []
 
     def collect(error: BaseException) -> None:
