@@ -48,7 +48,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("plan",),
     # public fakes for embedders and tests: FunctionSender (plan's), a fake clock, the mock server
     ("testing",),
-    # the online driver (batch mode's fallback and Ray's stop handling still import it)
+    # the online driver (batch mode's fallback still imports it)
     ("online",),
     # the other drivers, and what reads a run's results: summary, status, report
     ("batch", "raydata", "reporting"),

@@ -21,8 +21,9 @@ from batcher.jobload import job_from_dict
 from batcher.limits.pacing import RateLimiter
 from batcher.limits.retry import RetryPolicy
 from batcher.online.runner import Run, RunOptions, Runtime
-from batcher.plan.pipeline import RowRequest, Sending, attempt_row
+from batcher.plan.pipeline import Sending, attempt_row
 from batcher.plan.preflight import prepare
+from batcher.plan.rows import RowRequest
 from batcher.progress import RunStats
 from batcher.store.checkpoint import Checkpoint
 from batcher.testing import FakeClock, FunctionSender

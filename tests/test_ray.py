@@ -38,9 +38,10 @@ from conftest import (
 
 ray = pytest.importorskip("ray")
 
+from batcher.errors import DataError  # noqa: E402
 from batcher.jobload import load_job  # noqa: E402
 from batcher.mock_server import MockConfig, MockServer, reply_for  # noqa: E402
-from batcher.raydata import journal_folder, run_dataset  # noqa: E402
+from batcher.raydata import journal_folder, run_dataset, run_job_on_ray  # noqa: E402
 from batcher.store.answers import JOURNAL_GLOB  # noqa: E402 - after the skip when Ray is missing
 
 pytestmark = pytest.mark.timeout(300)
@@ -219,6 +220,74 @@ def test_run_dataset_adds_the_result_columns(ray_session: None, tmp_path: Path,
                         checkpoint=tmp_path / "answers").to_pandas()
     assert server.stats.requests_total == 60  # answered from the journal
     assert sorted(again["reply"]) == sorted(got["reply"])
+
+
+LABELS: dict[str, Any] = {
+    "type": "object",
+    "properties": {"label": {"type": "string", "enum": ["positive", "neutral", "negative"]},
+                   "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+                   "fine": {"type": "boolean"}},
+    "required": ["label", "stars", "fine"],
+    "additionalProperties": False,
+}
+INSTRUCTION = "It must conform to this JSON Schema"  # how prompt mode asks for the schema
+
+
+def test_a_schema_job_on_ray_asks_for_the_schema_and_gets_its_columns(
+        ray_session: None, tmp_path: Path, make_mock: MakeMock) -> None:
+    rows = 24
+    source = parquet_input(tmp_path, rows)
+
+    def schema_job(base_url: str, results: Path) -> dict[str, Any]:
+        return job_dict(base_url, source, results,
+                        output={"path": str(results), "schema": LABELS, "schema_mode": "prompt"},
+                        params={"temperature": 0, "max_tokens": 64, "n": 2})
+
+    on_ray = make_mock(api_key=TEST_KEY)
+    job = write_job(tmp_path / "job.yaml",
+                    schema_job(on_ray.base_url, tmp_path / "ray" / "results.parquet"))
+    _job, report = run_job_on_ray(job, progress=False)
+    assert report.failed_rows == 0
+    seen = on_ray.stats.snapshot()
+    assert seen["answer_formats"] == {"prompt+schema": rows}  # the mock found the schema
+    assert all(INSTRUCTION in prompt for prompt in seen["prompts"])
+    single = tmp_path / "one" / "results.parquet"
+    one_machine = make_mock(api_key=TEST_KEY)
+    run_job(schema_job(one_machine.base_url, single), tmp_path)
+    assert one_machine.stats.snapshot()["prompts"] == seen["prompts"]  # the same requests
+    ray_frame = results_of(tmp_path / "ray" / "results.parquet")
+    one_frame = pd.read_parquet(single).sort_values("id").reset_index(drop=True)
+    assert list(ray_frame.columns) == list(one_frame.columns)
+    assert list(ray_frame.columns)[-4:] == ["replies", "label", "stars", "fine"]
+    assert dict(ray_frame.dtypes) == dict(one_frame.dtypes)
+    assert str(ray_frame["stars"].dtype) == "Int64"
+    assert isinstance(ray_frame["label"].dtype, pd.CategoricalDtype)
+    assert all(len(replies) == 2 for replies in ray_frame["replies"])
+    compared = [name for name in one_frame.columns
+                if name not in ("latency_s", "finished_at", "replies")]
+    pd.testing.assert_frame_equal(ray_frame[compared], one_frame[compared])
+    assert [list(replies) for replies in ray_frame["replies"]] == [
+        list(replies) for replies in one_frame["replies"]]
+
+
+def test_run_dataset_takes_the_schema_keywords(ray_session: None, make_mock: MakeMock) -> None:
+    server = make_mock(api_key=TEST_KEY)
+    frame = pd.DataFrame({"text": [prompt_text(i) for i in range(8)]})
+    out = run_dataset(ray.data.from_pandas(frame), model="gpt-4o-mini", prompt_column="text",
+                      base_url=server.base_url, api_key_env="BATCHER_TEST_KEY",
+                      schema=LABELS, schema_mode="prompt", schema_prefix="ans_").to_pandas()
+    assert (out["status"] == "ok").all()
+    assert list(out.columns)[-3:] == ["ans_label", "ans_stars", "ans_fine"]
+    assert out["ans_stars"].between(1, 5).all()
+    assert server.stats.snapshot()["answer_formats"] == {"prompt+schema": 8}
+
+
+def test_a_dataset_column_named_like_a_result_column_is_refused(ray_session: None) -> None:
+    frame = pd.DataFrame({"text": ["a"], "ans_label": ["mine"]})
+    with pytest.raises(DataError, match="property 'label' would be the column 'ans_label'"):
+        run_dataset(ray.data.from_pandas(frame), model="m", prompt_column="text",
+                    base_url="http://127.0.0.1:9", api_key_env="BATCHER_TEST_KEY",
+                    schema=LABELS, schema_prefix="ans_")
 
 
 def test_import_batcher_loads_no_ray() -> None:

@@ -33,13 +33,9 @@ from batcher.api.workspace import (
 from batcher.config import Job
 from batcher.errors import ConfigError, DataError
 from batcher.jobload import job_from_dict
-from batcher.records import (
-    RESULT_COLUMNS,
-    SOURCE_COLUMN,
-    SOURCE_REUSED,
-    SOURCE_SENT,
-    STATUS_OK,
-)
+from batcher.plan.jobplan import JobPlan
+from batcher.plan.keywords import job_data
+from batcher.records import SOURCE_COLUMN, SOURCE_REUSED, SOURCE_SENT, STATUS_OK
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -189,33 +185,30 @@ def _frame_job(data: object, source: str, *, model: str, prompt_column: str | No
     frame = _as_frame(data, source)
     if prompt_column is None and template is None and not isinstance(data, pd.DataFrame):
         prompt_column = str(frame.columns[0])
-    target = _given(base_url=base_url, api_key_env=api_key_env, timeout_s=timeout_s)
+    spec = job_data({
+        "model": model, "prompt_column": prompt_column, "template": template, "system": system,
+        "params": params, "base_url": base_url, "api_key_env": api_key_env,
+        "timeout_s": timeout_s, "concurrency": concurrency,
+        "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute,
+        "max_attempts": max_attempts, "invalid_reply_retries": invalid_reply_retries,
+        "schema": schema, "schema_mode": schema_mode, "schema_prefix": schema_prefix,
+    }, source, name="dataframe")
+    target = spec.get("endpoint", {})
     if mock is True:
         target["mock"] = {}
     elif mock is not False and mock is not None:
         target["mock"] = dict(mock) if isinstance(mock, Mapping) else mock
-    endpoint_keys = _merged(endpoint, target, "endpoint", source)
-    # The job file's shape, with only what the caller set: defaults stay the model's.
-    spec: dict[str, Any] = {
-        "name": "dataframe",
-        # Placeholders: the real folder is known once the frame is serialized.
-        "input": {"path": INPUT_NAME},
-        "prompt": _given(column=prompt_column, template=template, system=system),
-        "model": model,
-        "params": dict(params) if isinstance(params, Mapping) else ({} if params is None
-                                                                     else params),
-        "endpoint": endpoint_keys,
-        "limits": _given(concurrency=concurrency, requests_per_minute=requests_per_minute,
-                         tokens_per_minute=tokens_per_minute),
-        "retry": _given(max_attempts=max_attempts, invalid_reply_retries=invalid_reply_retries),
-        "output": _given(path=RESULTS_NAME, checkpoint=_checkpoint_path(checkpoint, source),
-                         schema=schema, schema_mode=schema_mode, schema_prefix=schema_prefix),
-    }
+    spec["endpoint"] = _merged(endpoint, target, "endpoint", source)
+    # Placeholders: the real folder is known once the frame is serialized.
+    spec["input"] = {"path": INPUT_NAME}
+    spec.setdefault("output", {}).update(
+        _given(path=RESULTS_NAME, checkpoint=_checkpoint_path(checkpoint, source)))
     # A schema's path resolves against the current folder, like any path in Python.
     job = job_from_dict(spec, base_dir=Path(tempfile.gettempdir()) / "batcher-pending",
                         source=source, require_output=True, schema_dir=Path.cwd())
     check_limit(limit, source)
-    _check_frame(frame, job, source)
+    JobPlan(job).check_columns([str(name) for name in frame.columns], source, "the DataFrame",
+                               prefix_setting="schema_prefix=")
     job, environ = with_key(job, api_key, source)
     return frame, job, environ
 
@@ -261,31 +254,6 @@ def _as_frame(data: object, source: str) -> pd.DataFrame:
         raise DataError(f"{source}: data: must be a DataFrame, a Series or a list of prompt "
                         f"strings (got {type(data).__name__})")
     return pd.DataFrame({LIST_COLUMN: list(data)})
-
-
-def _check_frame(frame: pd.DataFrame, job: Job, source: str) -> None:
-    names = [str(name) for name in frame.columns]
-    clashes = [name for name in names if name in RESULT_COLUMNS]
-    if clashes:
-        raise DataError(
-            f"{source}: the DataFrame already has a column '{clashes[0]}', the name of a "
-            f"result column; rename or drop it first (result columns: "
-            f"{', '.join(RESULT_COLUMNS)})")
-    taken = [name for name in result_columns(job)[0] if name in names]
-    if taken:
-        raise DataError(
-            f"{source}: the DataFrame already has a column '{taken[0]}', the name of a result "
-            "column this call adds; rename or drop it first, or set schema_prefix= when it "
-            "comes from the schema")
-    key = "prompt.column" if job.prompt.column is not None else "prompt.template"
-    for column in job.prompt.columns():
-        found = sum(1 for name in frame.columns if name == column)
-        if found == 0:
-            raise DataError(f"{source}: {key} names column '{column}', which the DataFrame "
-                            f"does not have (columns: {', '.join(names) or 'none'})")
-        if found > 1:
-            raise DataError(f"{source}: {key} names column '{column}', which appears "
-                            f"{found} times in the DataFrame; make the names unique")
 
 
 def _parquet_bytes(frame: pd.DataFrame, columns: list[str]) -> bytes:

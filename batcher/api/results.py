@@ -12,8 +12,8 @@ from typing import Any
 import pandas as pd
 
 from batcher.config import Job
-from batcher.io.schema_columns import SchemaColumns
-from batcher.records import FLOAT_COLUMNS, INTEGER_COLUMNS, OPTIONAL_COLUMNS, RESULT_COLUMNS
+from batcher.plan.jobplan import JobPlan
+from batcher.records import FLOAT_COLUMNS, INTEGER_COLUMNS, RESULT_COLUMNS
 from batcher.reporting.summary import Summary
 
 
@@ -48,14 +48,13 @@ class Result:
 
 def result_columns(job: Job) -> tuple[list[str], dict[str, Any]]:
     """The columns a job's results add, in order, and the pandas dtypes of its schema's."""
-    names = list(RESULT_COLUMNS) + (list(OPTIONAL_COLUMNS) if job.choices > 1 else [])
-    output = job.output
-    if output is None or output.reply_schema is None:
-        return names, {}
-    columns = SchemaColumns(output.reply_schema, output.schema_prefix)
+    plan = JobPlan(job)
+    columns = plan.schema_columns
+    if columns is None:
+        return plan.result_names, {}
     dtypes = {name: pd.CategoricalDtype(list(dtype)) if isinstance(dtype, tuple) else dtype
               for name, dtype in columns.pandas_dtypes().items()}
-    return names + columns.names, dtypes
+    return plan.result_names, dtypes
 
 
 def read_results_file(path: Path, column_types: Mapping[str, Any]) -> pd.DataFrame:

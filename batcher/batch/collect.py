@@ -21,7 +21,7 @@ from batcher.batch.lines import reconcile, shard_ids
 from batcher.batch.service import Service
 from batcher.batch.state import COLLECTED, BatchState, ShardRecord, key_of, position_of
 from batcher.config import Job
-from batcher.plan.pipeline import row_cost
+from batcher.plan.usage import row_cost
 from batcher.pricing import NoPrice, Price
 from batcher.progress import RunStats
 from batcher.records import RowResult

@@ -41,7 +41,8 @@ from batcher.batch.shards import BatchPlan, Planner
 from batcher.batch.state import BatchState
 from batcher.errors import Interrupted
 from batcher.limits.retry import Retrying, RetryPolicy
-from batcher.online.runner import RunOptions, RunReport, Runtime, signals_handled
+from batcher.online.runner import RunOptions, RunReport, Runtime
+from batcher.online.stopping import signals_handled
 from batcher.plan.finish import write_results_file
 from batcher.plan.paths import work_folder
 from batcher.plan.preflight import Prepared

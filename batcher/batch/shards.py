@@ -31,7 +31,6 @@ from batcher.batch.lines import (
     starts_new_shard,
 )
 from batcher.batch.state import COLLECTED, BatchState, ShardRecord, custom_id, key_of
-from batcher.plan.pipeline import batch_keys, row_request
 from batcher.plan.preflight import Prepared
 from batcher.progress import RunStats
 from batcher.records import RowResult
@@ -54,9 +53,8 @@ def plan_shards(prepared: Prepared, checkpoint: Checkpoint | None) -> BatchPlan:
     job = prepared.job
     spec = job.batch
     requests = shards = lines = size = 0
-    renderer = prepared.renderer()
-    for row in (row for plan in prepared.plans(checkpoint, renderer) for row in plan.pending):
-        request = row_request(row, job, renderer)
+    for row in (row for plan in prepared.plans(checkpoint) for row in plan.pending):
+        request = prepared.request(row)
         if isinstance(request, RowResult):
             continue
         length = len(request_line(custom_id(row.position, row.key), request.body))
@@ -141,7 +139,7 @@ class Planner:
             keys = np.zeros((self._prepared.row_count, KEY_BYTES), dtype=np.uint8)
             start = 0
             prepared = self._prepared
-            for these in batch_keys(prepared.batches(), prepared.job, prepared.renderer()):
+            for these in prepared.input_keys():
                 keys[start:start + len(these)] = these
                 start += len(these)
             self._keys = keys[:start]
@@ -188,11 +186,9 @@ class Planner:
         """The invocation's one pass over the input: keys every row, and writes the
         request of each row that is neither answered nor in a batch of the cycle."""
         prepared = self._prepared
-        job = prepared.job
-        renderer = prepared.renderer()
         keys = np.zeros((prepared.row_count, KEY_BYTES), dtype=np.uint8)
         end = 0
-        for plan in prepared.plans(self._checkpoint, renderer):
+        for plan in prepared.plans(self._checkpoint):
             end = plan.start + len(plan.keys)
             keys[plan.start:end] = plan.keys
             if not plan.pending:
@@ -202,7 +198,7 @@ class Planner:
             for row, in_batch in zip(plan.pending, claimed.tolist(), strict=True):
                 if in_batch:
                     continue
-                request = row_request(row, job, renderer)
+                request = prepared.request(row)
                 if isinstance(request, RowResult):
                     # The input's fault: counted, never stored (see batcher.plan.finish).
                     self._stats.record(row.position, request)

@@ -17,10 +17,11 @@ A stop request (Ctrl-C, SIGTERM) lets in-flight requests finish for a short
 grace period, then cancels them; rows not journaled are simply sent again
 by the next run.
 
-Longer than most modules because every way a run stops (a signal, the
-budget, a verdict that aborts the run, a worker's exception) acts on the same
-queue, workers and journal, and reads best beside the dispatch it stops; the
-path of one row is ``batcher.plan.pipeline``'s.
+What a row means (its key, its request, the results' layout, the price, the
+budget) is ``batcher.plan``'s, the same for every driver; the path of one row
+is ``batcher.plan.pipeline``'s; how a run is asked to stop,
+``batcher.online.stopping``'s. What is left here is how requests travel on one
+machine: a queue, workers and the journal.
 """
 
 from __future__ import annotations
@@ -30,69 +31,33 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from batcher.config import Job
-from batcher.errors import ApiError, BatcherError, BudgetReached, Interrupted, RunAborted
-from batcher.limits.budget import Budget
+from batcher.errors import ApiError, Interrupted
 from batcher.limits.pacing import Clock, RateLimiter, Sleep
-from batcher.limits.retry import FailureStreak
-from batcher.plan.finish import write_results_file
-from batcher.plan.pipeline import (
-    PendingRow,
-    Rejection,
-    RowRequest,
-    Sender,
-    Sending,
-    SharedRequests,
-    attempt_row,
-    batch_keys,
-    row_cost,
-    row_request,
-)
+from batcher.online.stopping import RunControl, signals_handled
+from batcher.plan.budgets import budget_reached, open_budget
+from batcher.plan.finish import RunReport, write_results_file
+from batcher.plan.pipeline import Sender, Sending, attempt_row, first_cause
 from batcher.plan.preflight import Prepared, prepare
-from batcher.pricing import NoPrice, Price
+from batcher.plan.rows import PendingRow, Rejection, RowRequest, SharedRequests
 from batcher.progress import Progress, RunStats
 from batcher.records import SOURCE_REUSED, SOURCE_SENT, SOURCE_SHARED, SOURCES, RowResult
 from batcher.store.checkpoint import Checkpoint
-from batcher.store.journal import read_journal
 from batcher.store.keys import KEY_BYTES
-from batcher.store.unsettled import Unsettled, ledger_path_for
-from batcher.tally import Tally
+from batcher.store.unsettled import Unsettled
 
+# Kept importable from here, where every run starts: prepare, the run's options and
+# report, the control a notebook stops it with.
 __all__ = ["Run", "RunControl", "RunOptions", "RunReport", "Runtime", "SenderFactory",
-           "prepare"]  # prepare: where every run starts, kept importable from here
+           "prepare"]
 
 SenderFactory = Callable[[int], AbstractAsyncContextManager[Sender]]
 """Opens the run's one sender (one connection pool) for a given concurrency."""
-
-
-class RunControl:
-    """Lets code outside the run's event loop (a notebook's main thread, say)
-    ask the run to stop, exactly as Ctrl-C would."""
-
-    def __init__(self) -> None:
-        self._run: Run | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_before_start: int | None = None
-
-    def attach(self, run: Run, loop: asyncio.AbstractEventLoop) -> None:
-        self._run, self._loop = run, loop
-        if self._stop_before_start is not None:
-            run.request_stop(self._stop_before_start)
-
-    def request_stop(self, signum: int = signal.SIGINT) -> None:
-        """Thread-safe: graceful on the first call, immediate on the second."""
-        if self._run is None or self._loop is None:
-            self._stop_before_start = signum
-            return
-        with contextlib.suppress(RuntimeError):  # the loop already closed: nothing to stop
-            self._loop.call_soon_threadsafe(self._run.request_stop, signum)
 
 
 @dataclass(frozen=True)
@@ -106,28 +71,6 @@ class RunOptions:
     allow_empty_input: bool = False  # an input with no rows is a valid, empty job
     control: RunControl | None = None
     wait: bool = True  # mode: batch: poll until done, or submit and return
-
-
-@dataclass
-class RunReport:
-    """What a finished run did; ``exit_code`` follows the contract.
-
-    ``pending`` says what is still running at the service (``mode: batch``
-    without waiting): no results were written yet, and the exit code is 0.
-    """
-
-    stats: RunStats
-    rows: int
-    failed_rows: int
-    results_path: Path | None
-    tally: Tally = field(default_factory=Tally)  # every row of the results
-    price: Price | NoPrice | None = None  # what the rows cost at (None: not resolved)
-    pending: str | None = None
-    results_rewritten: bool = True  # False: nothing changed, the file was left alone
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed_rows else 0
 
 
 @dataclass
@@ -154,9 +97,8 @@ class Run:
         self._checkpoint = checkpoint
         self._options = options
         self._runtime = runtime
-        self._streak = FailureStreak(self.job.retry.stop_after_identical_failures)
+        self._streak = prepared.identical_failures("the checkpoint is kept")
         self.stats = RunStats(total_rows=prepared.row_count)
-        self._renderer = prepared.renderer()
         self._shared = SharedRequests() if self.job.duplicates == "share" else None
         # Each row's key and where its answer came from, for the results (17 bytes a row).
         self._keys = np.zeros((prepared.row_count, KEY_BYTES), dtype=np.uint8)
@@ -165,10 +107,7 @@ class Run:
         self._stop_signal: int | None = None
         self._stop_event: asyncio.Event | None = None
         self._work_future: asyncio.Future[None] | None = None
-        online_price = prepared.online_price
-        self._budget = _budget(self.job, checkpoint,
-                               online_price if isinstance(online_price, Price) else None,
-                               fresh=options.fresh)
+        self._budget = open_budget(prepared, checkpoint, fresh=options.fresh)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -184,7 +123,7 @@ class Run:
                 await self._dispatch()
                 self._progress.close()
                 if self._budget is not None and self._budget.reached:
-                    raise self._budget_reached()
+                    raise budget_reached(self.prepared, self._budget, self._checkpoint)
                 written = write_results_file(self.prepared, self._checkpoint, self._keys,
                                              self._sources)
                 # A signal during that synchronous write is queued on the loop's
@@ -222,29 +161,6 @@ class Run:
     def _halted(self) -> bool:
         """Stopping, or out of budget: either way nothing more is sent."""
         return self._stopping or (self._budget is not None and self._budget.reached)
-
-    def _budget_reached(self) -> BudgetReached:
-        assert self._budget is not None
-        budget, limits = self._budget, self.job.limits
-        spent = []
-        if limits.max_cost_usd is not None:
-            spent.append(f"${budget.spent_usd:,.4f} spent of limits.max_cost_usd "
-                         f"${limits.max_cost_usd:,.4f}")
-        if limits.max_total_tokens is not None:
-            spent.append(f"{budget.spent_tokens:,} tokens of limits.max_total_tokens "
-                         f"{limits.max_total_tokens:,}")
-        ledger = budget.ledger
-        if isinstance(ledger, Unsettled) and ledger.carried:
-            spent.append(f"{len(ledger.carried):,} requests sent by earlier runs without a "
-                         "usable answer count at their worst case until one comes")
-        self._checkpoint.refresh()
-        done = sum(int(self._checkpoint.answered(keys).sum()) for keys in batch_keys(
-            self.prepared.batches(), self.job, self._renderer))
-        return BudgetReached(
-            f"budget reached before the next request: {'; '.join(spent)} (by every run of "
-            f"this job); {done:,} of {self.prepared.row_count:,} rows done, the checkpoint is "
-            "kept. Raise the limit in the job and run the same command again to go on; "
-            "answered rows are not sent again")
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -289,11 +205,9 @@ class Run:
                               self.job.limits.tokens_per_minute, runtime.clock, runtime.sleep)
         try:
             async with (self._senders(concurrency) as sender, asyncio.TaskGroup() as group):
-                price = self.prepared.online_price
-                sending = Sending.for_job(self.job, sender, limiter, self.stats, runtime.sleep,
-                                          runtime.rng, stopping=lambda: self._halted,
-                                          price=price if isinstance(price, Price) else None,
-                                          budget=self._budget)
+                sending = self.prepared.sending(sender, limiter, self.stats, runtime.sleep,
+                                                runtime.rng, stopping=lambda: self._halted,
+                                                budget=self._budget)
                 group.create_task(self._produce(queue, concurrency))
                 for _ in range(concurrency):
                     group.create_task(self._work(queue, sending))
@@ -305,7 +219,7 @@ class Run:
         assert self._progress is not None
         reused, sent, shared = (SOURCES.index(name) for name in (SOURCE_REUSED, SOURCE_SENT,
                                                                   SOURCE_SHARED))
-        for plan in self.prepared.plans(self._checkpoint, self._renderer):
+        for plan in self.prepared.plans(self._checkpoint):
             if self._halted:
                 break  # stop reading the input too, not just sending
             end = plan.start + len(plan.keys)
@@ -316,7 +230,7 @@ class Run:
                 if self._halted:
                     break
                 self._sources[row.position] = sent
-                request = row_request(row, self.job, self._renderer)
+                request = self.prepared.request(row)
                 if isinstance(request, RowResult):
                     # The input's fault: reported, never stored (see batcher.plan.finish).
                     self._progress.update(row.position, request)
@@ -339,13 +253,8 @@ class Run:
             outcome = await attempt_row(request, sending)
             if outcome is None:
                 continue
-            failure = outcome.failure
-            self._journal(request, outcome.result, failure)
-            if self._streak.record(failure.signature if failure else None):
-                raise RunAborted(
-                    f"stopped after {self._streak.count} rows in a row failed the same way "
-                    f"({failure.message if failure else ''}); fix the job and run again, the "
-                    "checkpoint is kept (retry.stop_after_identical_failures sets the count)")
+            self._journal(request, outcome.result, outcome.failure)
+            self._streak.record(outcome)
 
     def _journal(self, request: RowRequest, result: RowResult,
                  failure: ApiError | Rejection | None) -> None:
@@ -367,65 +276,3 @@ class Run:
         assert self._progress is not None
         self._checkpoint.append([(row.key, row.position)], result)
         self._progress.update(row.position, result, shared=True)
-
-
-def _budget(job: Job, checkpoint: Checkpoint, price: Price | None, *,
-            fresh: bool = False) -> Budget | None:
-    """The job's budget, less what earlier runs of it spent: read from the checkpoint
-    (each answered row's cost, or for a row recorded without one, its usage at
-    ``price``) and from the ledger of requests they sent and never settled."""
-    limits = job.limits
-    if limits.max_cost_usd is None and limits.max_total_tokens is None:
-        return None
-    spent_usd, spent_tokens = 0.0, 0
-    for record in read_journal(checkpoint.path):
-        cost = record.get("cost_usd")
-        if cost is None:
-            cost = row_cost(price, record.get("prompt_tokens"), record.get("completion_tokens"),
-                            record.get("cached_tokens"), record.get("reasoning_tokens"))
-        spent_usd += cost or 0.0
-        spent_tokens += record.get("total_tokens") or 0
-    ledger = Unsettled.open(ledger_path_for(checkpoint.path), fresh=fresh)
-    return Budget(limits.max_cost_usd, limits.max_total_tokens,
-                  spent_usd=spent_usd + ledger.carried_usd,
-                  spent_tokens=spent_tokens + ledger.carried_tokens, ledger=ledger)
-
-
-@contextlib.contextmanager
-def signals_handled(stop: Callable[[int], None], *, enabled: bool = True) -> Iterator[None]:
-    """SIGINT and SIGTERM call ``stop(signum)`` while the block runs (only possible
-    on the main thread; elsewhere the block runs without them)."""
-    if not enabled:
-        yield
-        return
-    loop = asyncio.get_running_loop()
-    installed = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, stop, signum)
-            installed.append(signum)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread, or a platform without signal support
-    try:
-        yield
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
-
-
-def first_cause(group: BaseExceptionGroup) -> BaseException:
-    """The exception that brought a task group down: a ``BatcherError`` if any."""
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        else:
-            leaves.append(error)
-
-    collect(group)
-    for leaf in leaves:
-        if isinstance(leaf, BatcherError):
-            return leaf
-    return leaves[0]

@@ -18,6 +18,8 @@ results file replaced by hand is written again. (Its ``source`` column then
 tells where the answers came from in the run that wrote it.) A ``--limit`` sample never
 replaces a results file: when one is there, the sample goes beside it
 (``out.limit-5.csv``).
+
+:class:`RunReport` is what a finished run did, whichever driver ran it.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ import orjson
 from batcher.errors import OutputError
 from batcher.io.inputs import BATCH_ROWS
 from batcher.io.inputscan import typed_columns
-from batcher.io.outputs import NO_OUTCOME, ResultLayout, write_results
+from batcher.io.outputs import NO_OUTCOME, write_results
 from batcher.io.safefiles import write_private
 from batcher.plan.paths import stamp_path
-from batcher.plan.pipeline import batch_keys
 from batcher.plan.preflight import Prepared
-from batcher.progress import INPUT_ERROR_CLASS
+from batcher.pricing import NoPrice, Price
+from batcher.progress import INPUT_ERROR_CLASS, RunStats
 from batcher.prompts import PromptRenderer
 from batcher.records import (
     SOURCE_COLUMN,
@@ -85,8 +87,8 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
     path = results_destination(prepared)
     stamped = stamp_path(checkpoint.path)
     stamp = _stamp(prepared, checkpoint)
-    renderer = prepared.renderer()
-    remade = batch_keys(prepared.batches(), prepared.job, renderer)
+    renderer = prepared.renderer
+    remade = prepared.input_keys()
     stamps = _read_stamps(stamped)
     if stamps.get(str(path)) == {**stamp, **_file_identity(path)}:
         # The store did not grow since the file was written: nothing was sent now.
@@ -97,8 +99,7 @@ def write_results_file(prepared: Prepared, checkpoint: Checkpoint,
         return Written(path, rows, rows - tally.ok, rewritten=False, tally=tally)
     output = prepared.job.output
     assert output is not None
-    layout = ResultLayout(prepared.output_schema, choices=prepared.job.choices,
-                          reply_schema=output.reply_schema, prefix=output.schema_prefix)
+    layout = prepared.result_layout()
     failed = 0
     tally = Tally()
     sent, reused = SOURCES.index(SOURCE_SENT), SOURCES.index(SOURCE_REUSED)
@@ -201,3 +202,25 @@ def _write_stamps(path: Path, stamps: dict[str, Any]) -> None:
     only means the next run writes the results again."""
     with contextlib.suppress(OSError, OutputError):
         write_private(path, orjson.dumps(stamps), "results stamp")
+
+
+@dataclass
+class RunReport:
+    """What a finished run did; ``exit_code`` follows the contract.
+
+    ``pending`` says what is still running at the service (``mode: batch``
+    without waiting): no results were written yet, and the exit code is 0.
+    """
+
+    stats: RunStats
+    rows: int
+    failed_rows: int
+    results_path: Path | None
+    tally: Tally = field(default_factory=Tally)  # every row of the results
+    price: Price | NoPrice | None = None  # what the rows cost at (None: not resolved)
+    pending: str | None = None
+    results_rewritten: bool = True  # False: nothing changed, the file was left alone
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed_rows else 0

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from batcher.config import Job
-from batcher.errors import ConfigError, DataError
+from batcher.errors import DataError
 from batcher.io.inputs import InputReader
 from batcher.io.inputscan import scan_input
-from batcher.plan.pipeline import BatchPlan, plan_batches
-from batcher.pricing import NoPrice, Price, resolve_price
-from batcher.prompts import PromptRenderer
-from batcher.records import OPTIONAL_COLUMNS, RESULT_COLUMNS
+from batcher.io.outputs import ResultLayout
+from batcher.plan.budgets import check_budget_price
+from batcher.plan.jobplan import JobPlan
+from batcher.plan.rows import BatchPlan
+from batcher.pricing import NoPrice, Price
 from batcher.store.checkpoint import Checkpoint
 from batcher.tokens import counter_for
 
@@ -66,10 +68,10 @@ class Estimate:
 
 
 @dataclass
-class Prepared:
-    """A job checked against its input, ready to run or estimate."""
+class Prepared(JobPlan):
+    """A job checked against its input file, ready to run or estimate: what the job
+    means (:class:`~batcher.plan.jobplan.JobPlan`) and the rows it means it for."""
 
-    job: Job
     reader: InputReader
     rows: int
     limit: int | None
@@ -93,30 +95,18 @@ class Prepared:
             if self.limit is not None and seen >= self.limit:
                 return
 
-    @cached_property
-    def price(self) -> Price | NoPrice:
-        """The model's price in the job's mode (``mode: batch``: the Batch API's)."""
-        return self._price(batch=self.job.mode == "batch")
-
-    @cached_property
-    def online_price(self) -> Price | NoPrice:
-        """The price of requests sent online (a batch job's online fallback too)."""
-        return self._price(batch=False)
-
-    def _price(self, *, batch: bool) -> Price | NoPrice:
-        job = self.job
-        return resolve_price(job.model, pricing=job.pricing, base_url=job.endpoint.base_url,
-                             batch=batch)
-
-    def renderer(self) -> PromptRenderer:
-        output = self.job.output
-        schema = output.reply_schema if output is not None else None
-        return PromptRenderer(self.job.prompt, schema.instruction() if schema else None)
-
-    def plans(self, checkpoint: Checkpoint | None, renderer: PromptRenderer | None = None
-              ) -> Iterator[BatchPlan]:
+    def plans(self, checkpoint: Checkpoint | None) -> Iterator[BatchPlan]:
         """Every batch within the limit, keyed and looked up in the checkpoint."""
-        return plan_batches(self.batches(), self.job, renderer or self.renderer(), checkpoint)
+        return self.keyed(self.batches(), checkpoint)
+
+    def input_keys(self) -> Iterator[np.ndarray]:
+        """Every batch's row keys within the limit, in input order."""
+        return self.batch_keys(self.batches())
+
+    def result_layout(self) -> ResultLayout:
+        """The results file's columns: the input's as the results hold them, then the
+        job's result columns."""
+        return self.layout(self.output_schema)
 
 
 def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) -> Prepared:
@@ -128,30 +118,16 @@ def prepare(job: Job, limit: int | None = None, *, allow_empty: bool = False) ->
     DataFrame from the Python API).
     """
     reader = InputReader(job.input.path, delimiter=job.input.delimiter)
-    _check_columns(job, reader)
+    JobPlan(job).check_columns(reader.schema.names, str(job.input.path), "the input",
+                               hint=reader.columns_hint())
     summary = scan_input(reader, job.input.id_column, limit)
     if summary.rows == 0 and not allow_empty and limit != 0:
         raise DataError(f"{job.input.path}: the input has no rows (only a header); "
                         "nothing to send")
     prepared = Prepared(job, reader, summary.rows, limit, summary.digest,
                         summary.output_schema, summary.beyond_limit)
-    if job.limits.max_cost_usd is not None:
-        _check_budget_price(job, prepared.online_price)
+    check_budget_price(prepared)
     return prepared
-
-
-def _check_budget_price(job: Job, price: Price | NoPrice) -> None:
-    """A cost budget needs a price whose every component the replies report."""
-    if isinstance(price, NoPrice):
-        raise ConfigError(f"limits.max_cost_usd: cannot keep to a budget without a price: "
-                          f"{price.reason}")
-    unbounded = price.unbounded(job.request_params)
-    if unbounded:
-        raise ConfigError(
-            f"limits.max_cost_usd: cannot keep to a budget for '{job.model}': its price "
-            f"({price.source}) also bills {', '.join(unbounded)}, which replies do not "
-            "report; remove the budget, or give the job a pricing: block (input, output: "
-            "USD per million tokens) to budget by tokens alone")
 
 
 def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estimate:
@@ -161,11 +137,11 @@ def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estima
     cache hits, every request's fee)."""
     job = prepared.job
     counter = counter_for(job.model)
-    renderer = prepared.renderer()
+    renderer = prepared.renderer
     share = job.duplicates == "share"
     seen: set[bytes] = set()
     prompt_tokens = to_send = reused = shared = unsendable = 0
-    for plan in prepared.plans(checkpoint, renderer):
+    for plan in prepared.plans(checkpoint):
         reused += plan.reused
         for row in plan.pending:
             messages = renderer.rendered(row.position, row.text, row.problem).messages
@@ -187,37 +163,3 @@ def estimate(prepared: Prepared, checkpoint: Checkpoint | None = None) -> Estima
         cost = price.worst_case(prompt_tokens, completion, requests=to_send)
     return Estimate(prepared.row_count, to_send, reused, prompt_tokens, completion, cost,
                     counter.label, price, shared=shared, unsendable=unsendable)
-
-
-def _check_columns(job: Job, reader: InputReader) -> None:
-    names = reader.schema.names
-    path = job.input.path
-    wanted = [("input.id_column", job.input.id_column)] if job.input.id_column else []
-    key = "prompt.column" if job.prompt.column is not None else "prompt.template"
-    wanted += [(key, name) for name in job.prompt.columns()]
-    for setting, column in wanted:
-        if column not in names:
-            listed = ", ".join(_printable(name) for name in names) or "none"
-            raise DataError(f"{path}: {setting} names column '{_printable(column)}', which the "
-                            f"input does not have (columns: {listed}){reader.columns_hint()}")
-    clashes = [name for name in names if name in RESULT_COLUMNS]
-    if clashes:
-        raise DataError(f"{path}: input column '{clashes[0]}' has the name of a results column; "
-                        "rename it in the input")
-    if job.choices > 1 and OPTIONAL_COLUMNS[0] in names:
-        raise DataError(f"{path}: input column '{OPTIONAL_COLUMNS[0]}' has the name of the "
-                        "results column that holds every choice (params.n > 1); rename it")
-    output = job.output
-    if output is not None and output.reply_schema is not None:
-        prefix = output.schema_prefix
-        for key in output.reply_schema.properties:
-            if prefix + key in names:
-                raise DataError(
-                    f"{path}: output.schema property '{key}' would be the column "
-                    f"'{_printable(prefix + key)}', which the input already has; set "
-                    "output.schema_prefix (e.g. 'reply_') or rename the column")
-
-
-def _printable(name: str) -> str:
-    """A column name fit for a one-line message (line breaks and the like escaped)."""
-    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")

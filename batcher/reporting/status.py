@@ -16,9 +16,8 @@ import numpy as np
 
 from batcher.config import Job
 from batcher.online.runner import prepare
-from batcher.plan.pipeline import batch_keys
 from batcher.plan.preflight import Prepared
-from batcher.pricing import NoPrice, resolve_price
+from batcher.pricing import NoPrice
 from batcher.progress import duration
 from batcher.store.journal import read_journal, run_in_progress
 from batcher.store.keys import KEY_BYTES, split
@@ -105,7 +104,7 @@ def job_status(job: Job, *, now: float | None = None) -> JobStatus:
                 "run that asks for them again")
     cost_note = None
     if tally.unpriced_rows:
-        price = resolve_price(job.model, pricing=job.pricing, base_url=job.endpoint.base_url)
+        price = prepared.online_price
         cost_note = (f"{tally.unpriced_rows:,} rows without a cost: "
                      + (price.reason if isinstance(price, NoPrice) else "no usage reported"))
     moment = time.time() if now is None else now
@@ -117,7 +116,7 @@ class _RowsByKey:
     """Finds the input row whose request key a stored answer has."""
 
     def __init__(self, prepared: Prepared) -> None:
-        keys = list(batch_keys(prepared.batches(), prepared.job, prepared.renderer()))
+        keys = list(prepared.input_keys())
         high, low = split(np.concatenate(keys) if keys else np.zeros((0, KEY_BYTES), np.uint8))
         self._order = np.lexsort((low, high))
         self._high, self._low = high[self._order], low[self._order]
