@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 import batcher
 import batcher.testing
@@ -71,3 +72,13 @@ def test_a_run_through_a_function_sender_on_the_fake_clock(tmp_path: Path) -> No
     assert (report.rows, report.failed_rows) == (2, 0)
     assert len(sender.requests) == 3
     assert any(0 < slept <= 4.0 for slept in clock.sleeps)  # the backoff, on the fake clock
+
+
+def test_the_readmes_testing_example_runs_as_written(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README shows batcher.testing in use: that block, executed as it stands."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("**Test aids for embedders**"):]
+    block = section[section.index("```python\n") + len("```python\n"):section.index("```\n\n")]
+    monkeypatch.chdir(tmp_path)  # nothing it writes lands in the checkout
+    exec(compile(block, "README.md", "exec"), {})  # its own asserts are the test
