@@ -53,14 +53,21 @@ class Runs:
     def __init__(self, server: MockServer, root: Path) -> None:
         self._server = server
         self._root = root
-        self._done: dict[tuple[str, str], Outcome] = {}
+        self._done: dict[tuple[str, str], Outcome | BaseException] = {}
 
     def get(self, shape: Shape, engine: str) -> Outcome:
         key = (shape.name, engine)
         if key not in self._done:
-            self._done[key] = run_engine(engine, shape, self._server,
-                                         self._root / shape.name / engine)
-        return self._done[key]
+            try:
+                self._done[key] = run_engine(engine, shape, self._server,
+                                             self._root / shape.name / engine)
+            except BaseException as error:  # every aspect of this cell fails the same way
+                self._done[key] = error
+                raise
+        done = self._done[key]
+        if isinstance(done, BaseException):
+            raise RuntimeError(f"the {engine} run of {shape.name} failed: {done!r}")
+        return done
 
 
 @pytest.fixture(scope="package")

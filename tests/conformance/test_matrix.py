@@ -31,6 +31,10 @@ from .shapes import ENGINES, REFERENCE, SHAPES, Shape
 
 ALL_ENGINES = frozenset(ENGINES)
 
+# A cell may start the matrix's Ray and run a whole job through it: on a busy
+# machine that takes longer than the suite's default per-test bound.
+pytestmark = pytest.mark.timeout(600)
+
 
 @dataclass(frozen=True)
 class Legitimate:
