@@ -5,11 +5,12 @@ offset, length and ``ok`` flag (29 bytes a key), searched with
 ``searchsorted``, so a million keys cost 29 MB and any input's rows, in any
 order, are found without a JSON parse per line.
 
-The index is most of a long run's memory, so it is never held twice: the
-table found on open is not copied when a run appends (its new lines are
-sorted into a second table, searched first), lines appended one at a time
-gather in flat arrays rather than a Python object each, and tables merge a
-column at a time, giving up each column of their parts as it is merged.
+The index grows with the store, so it is never held twice (a million-row
+run's peak memory is ``bench/memory.py``'s): the table found on open is not
+copied when a run appends (its new lines are sorted into a second table,
+searched first), lines appended one at a time gather in flat arrays rather
+than a Python object each, and tables merge a column at a time, giving up
+each column of their parts as it is merged.
 """
 
 from __future__ import annotations
