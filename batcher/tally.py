@@ -3,12 +3,15 @@
 Fed one row's record (a dict of :class:`batcher.records.RowResult` fields)
 and its position at a time, in journal order: an ``ok`` row
 is final (it is never sent again), an ``error`` row counts until a later
-record of the same row replaces it. Memory is a few numbers per ``ok`` row
-(latency, finish time) and a small entry per row currently in error.
+record of the same row replaces it. Memory is one number per ``ok`` row (its
+latency, for exact percentiles) and a small entry per row currently in error:
+the pace is counted as rows come, over a window given up front, so a
+million-row results write does not keep every row's finish time.
 """
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections import Counter
 from collections.abc import Mapping
@@ -32,7 +35,11 @@ class Tally:
     cost_usd: float = 0.0
     unpriced_rows: int = 0  # ok rows without a cost (no price known, or no usage sent)
     latencies: array[float] = field(default_factory=lambda: array("d"))
-    finished_at: array[float] = field(default_factory=lambda: array("d"))
+    # The pace's window, (start, end) in epoch seconds: rows finished in it are
+    # counted (see rows_per_minute); None: the pace is not wanted.
+    rate_window: tuple[float, float] | None = None
+    _in_window: int = 0
+    _first_finished: float = math.inf
     _errors: dict[int, str] = field(default_factory=dict)
 
     def add(self, position: int, record: Mapping[str, Any]) -> None:
@@ -53,8 +60,10 @@ class Tally:
             self.cost_usd += cost
         if record.get("latency_s") is not None:
             self.latencies.append(record["latency_s"])
-        if record.get("finished_at") is not None:
-            self.finished_at.append(record["finished_at"])
+        finished = record.get("finished_at")
+        if finished is not None and self.rate_window is not None:
+            self._first_finished = min(self._first_finished, finished)
+            self._in_window += self.rate_window[0] <= finished <= self.rate_window[1]
 
     @property
     def errors(self) -> int:
@@ -85,12 +94,11 @@ class Tally:
         return {**{f"p{p}": round(float(v), 4) for p, v in zip(PERCENTILES, figures, strict=True)},
                 "max": round(float(values.max()), 4)}
 
-    def rows_per_minute(self, now: float, window_s: float = 60.0) -> float:
-        """Rows finished per minute over the last ``window_s`` seconds before ``now``."""
-        moments = np.frombuffer(self.finished_at, dtype=np.float64)
-        recent = moments[(moments >= now - window_s) & (moments <= now)]
-        if not recent.size:
+    def rows_per_minute(self) -> float:
+        """``ok`` rows finished per minute over :attr:`rate_window` (0 without one)."""
+        if self.rate_window is None or not self._in_window:
             return 0.0
+        start, end = self.rate_window
         # A run younger than the window is measured over its own age.
-        span = now - max(now - window_s, float(moments.min()))
-        return recent.size * 60.0 / max(span, 1.0)
+        span = end - max(start, self._first_finished)
+        return self._in_window * 60.0 / max(span, 1.0)

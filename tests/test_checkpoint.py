@@ -147,3 +147,27 @@ def test_a_corrupt_line_in_the_middle_is_reported(tmp_path: Path) -> None:
     path.write_bytes(b"\n".join(lines))
     with pytest.raises(CheckpointError, match="corrupt line at byte"):
         Checkpoint(path)
+
+
+def test_a_run_that_answers_stored_keys_again_reads_its_own_lines_until_refreshed(
+        tmp_path: Path) -> None:
+    # 70,000 appends: more than the index gathers before sorting them into a table.
+    path = tmp_path / "job.ckpt"
+    with Checkpoint(path) as checkpoint:
+        checkpoint.append([(key(0), 0)], RowResult.failed("HTTP 500", 6))
+        checkpoint.append([(key(1), 1)], ok("one"))
+    with Checkpoint(path) as checkpoint:
+        checkpoint.append([(key(0), 0)], ok("zero, this run"))
+        checkpoint.append([(key(1), 1)], RowResult.failed("HTTP 500", 6))
+        checkpoint.append([(key(f"new-{n}"), n) for n in range(70_000)], ok("new"))
+        assert checkpoint.answered(keys(0, 1, "new-5")).tolist() == [False, True, False]
+        assert checkpoint.stored_before_run(keys(0, 1, 2, "new-69999")).tolist() == [
+            False, False, False, False]
+        latest = checkpoint.read(keys(0, 1, "new-69999", 2))
+        assert [r["status"] if r else None for r in latest] == ["ok", "error", "ok", None]
+        checkpoint.refresh()
+        assert checkpoint.answered(keys(0, 1, "new-5")).tolist() == [True, False, True]
+        assert replies(checkpoint, 0, "new-0") == ["zero, this run", "new"]
+    with Checkpoint(path) as checkpoint:
+        assert checkpoint.rows_recorded == 70_002
+        assert checkpoint.stored_before_run(keys(0, "new-1", 2)).tolist() == [True, True, False]

@@ -19,6 +19,7 @@ from conftest import job_dict, run_job, write_csv
 from batcher.errors import RunAborted, Verdict
 from batcher.limits.pacing import RateLimiter
 from batcher.limits.quantity import Quantity
+from batcher.limits.sharing import OwnSends
 from batcher.mock_server.ratelimit import RateLimiter as MockLimiter
 from batcher.testing import FakeClock
 from batcher.transport.failures import classify_error
@@ -319,3 +320,17 @@ def test_a_per_key_limit_under_gateway_names_earns_no_429s(tmp_path: Path,
                               limits={"concurrency": 8, "requests_per_minute": 6000}), tmp_path)
     assert report.exit_code == 0
     assert server.stats.snapshot()["by_status"].get("429", 0) <= 1
+
+
+def test_own_sends_count_spans_and_forget_what_is_older_than_their_memory() -> None:
+    own = OwnSends()
+    for second in range(300):
+        own.add(float(second), second)
+    assert own.between(10.0, 20.0) == sum(range(11, 21))  # (after, until]
+    assert own.between(20.0, 10.0) == 0
+    # Asking since a send forgets the ones more than MEMORY_S (120 s) before now.
+    assert own.since(250.0, 299.0) == sum(range(251, 300))
+    assert own.between(-1.0, 180.0) == 179 + 180  # 179 and 180 are remembered
+    own.add(300.0, 1000)  # after the forgotten sends were dropped, totals still add up
+    assert own.between(298.0, 300.0) == 299 + 1000
+    assert own.since(0.0, 420.0) == 1000  # only the send at 300 is within 120 s

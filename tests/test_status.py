@@ -16,6 +16,7 @@ from conftest import TEST_KEY, job_dict, prompts_csv, write_job
 
 from batcher.cli import main
 from batcher.mock_server import MockServer
+from batcher.tally import Tally
 
 ROWS = 24
 
@@ -96,3 +97,17 @@ def test_status_without_a_checkpoint_is_a_one_line_error(
     code, _, err = _status(job)
     assert code == 2
     assert "no checkpoint yet" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_pace_counts_ok_rows_finished_in_the_window_over_the_runs_age() -> None:
+    now = 1_000_000.0
+    tally = Tally(rate_window=(now - 60, now))
+    for position, finished in enumerate([now - 600, now - 30, now - 20, now - 10, now + 5]):
+        tally.add(position, {"status": "ok", "finished_at": finished})
+    tally.add(9, {"status": "error", "finished_at": now - 1})  # errors set no pace
+    assert tally.rows_per_minute() == 3.0  # three ok rows in the last 60 s
+    young = Tally(rate_window=(now - 60, now))
+    for position, finished in enumerate([now - 15, now - 10, now - 5]):
+        young.add(position, {"status": "ok", "finished_at": finished})
+    assert young.rows_per_minute() == 12.0  # a run 15 s old: 3 rows per 15 s
+    assert Tally().rows_per_minute() == 0.0

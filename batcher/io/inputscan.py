@@ -118,7 +118,9 @@ def scan_input(reader: InputReader, id_column: str | None, limit: int | None) ->
             hashes.append(_hash_ids(id_strings(ids)))
         rows += batch.num_rows
     if hashes:
-        _check_unique_ids(reader, id_column or "", np.concatenate(hashes), limit)
+        every_hash = np.concatenate(hashes)
+        del hashes  # 8 bytes an id in each copy: keep one while sorting
+        _check_unique_ids(reader, id_column or "", every_hash, limit)
     output_schema = types.schema() if types is not None else reader.schema
     return InputSummary(rows=rows, digest=reader.content_digest(), output_schema=output_schema,
                         beyond_limit=more)
@@ -144,8 +146,8 @@ def hash_strings(values: list[str], key: str) -> np.ndarray:
 
 def _check_unique_ids(reader: InputReader, id_column: str, hashes: np.ndarray,
                       limit: int | None) -> None:
-    order = np.sort(hashes)
-    repeated = order[1:][order[1:] == order[:-1]]
+    hashes.sort()  # in place: the caller's array is this scan's own
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
     if not repeated.size:
         return
     suspects = set(repeated.tolist())

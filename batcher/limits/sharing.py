@@ -9,7 +9,8 @@ quantity (:class:`batcher.limits.quantity.Quantity`).
 
 from __future__ import annotations
 
-from collections import deque
+from array import array
+from bisect import bisect_left, bisect_right
 
 
 class OwnSends:
@@ -17,31 +18,47 @@ class OwnSends:
     took (1 for requests, the reservation for tokens), to tell them from other
     clients'. A response's ``remaining`` count was taken when the server admitted
     that request; every send of ours booked after it has been spent from the same
-    allowance since."""
+    allowance since.
+
+    The last ``MEMORY_S`` of sends can be a million at a fast server's pace, so
+    they are kept in two flat arrays (16 bytes a send, not a tuple of about 90):
+    start times, in the order booked (the clock only goes forward), and the
+    running total of what they took, so a span is two binary searches and a
+    subtraction.
+    """
 
     MEMORY_S = 120.0
 
     def __init__(self) -> None:
-        self._sends: deque[tuple[float, int]] = deque()
+        self._moments = array("d")
+        self._totals = array("q")  # what every send so far took, up to and including each
+        self._first = 0  # sends before this one are forgotten
+        self._forgotten = 0  # the running total just before ``_moments[0]``
 
     def add(self, start: float, amount: int) -> None:
-        self._sends.append((start, amount))
+        total = self._totals[-1] if self._totals else self._forgotten
+        self._moments.append(start)
+        self._totals.append(total + amount)
 
     def between(self, after: float, until: float) -> int:
         """What our sends that started in ``(after, until]`` took."""
-        total = 0
-        for moment, amount in reversed(self._sends):
-            if moment <= after:
-                break
-            if moment <= until:
-                total += amount
-        return total
+        low = bisect_right(self._moments, after, self._first)
+        high = bisect_right(self._moments, until, self._first)
+        if high <= low:
+            return 0
+        return self._totals[high - 1] - self._total_before(low)
 
     def since(self, start: float, now: float) -> int:
         """What our sends that started after ``start``, up to ``now``, took."""
-        while self._sends and self._sends[0][0] < now - self.MEMORY_S:
-            self._sends.popleft()
+        self._first = bisect_left(self._moments, now - self.MEMORY_S, self._first)
+        if self._first > len(self._moments) // 2:  # drop the forgotten half at once
+            self._forgotten = self._total_before(self._first)
+            del self._moments[:self._first], self._totals[:self._first]
+            self._first = 0
         return self.between(start, now)
+
+    def _total_before(self, index: int) -> int:
+        return self._totals[index - 1] if index else self._forgotten
 
 
 class Share:

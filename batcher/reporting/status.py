@@ -89,7 +89,8 @@ def job_status(job: Job, *, now: float | None = None) -> JobStatus:
     path = job.output.checkpoint_path
     prepared = prepare(job, allow_empty=True)
     rows = _RowsByKey(prepared)
-    tally = Tally()
+    moment = time.time() if now is None else now
+    tally = Tally(rate_window=(moment - RATE_WINDOW_S, moment))
     elsewhere = 0
     for chunk in _chunks(read_journal(path), _CHUNK):
         for position, record in zip(rows.positions(chunk), chunk, strict=True):
@@ -107,9 +108,8 @@ def job_status(job: Job, *, now: float | None = None) -> JobStatus:
         price = prepared.online_price
         cost_note = (f"{tally.unpriced_rows:,} rows without a cost: "
                      + (price.reason if isinstance(price, NoPrice) else "no usage reported"))
-    moment = time.time() if now is None else now
     return JobStatus(job.name, prepared.rows, tally, run_in_progress(path),
-                     tally.rows_per_minute(moment, RATE_WINDOW_S), cost_note, note)
+                     tally.rows_per_minute(), cost_note, note)
 
 
 class _RowsByKey:

@@ -85,9 +85,7 @@ class Checkpoint:
         """For each key of ``(n, 16)`` ``keys``: does the store hold an ``ok`` answer
         from before this run (or its last :meth:`refresh`)? Those rows are never
         sent again."""
-        found = self._index.find(keys, opened=True)
-        answered: np.ndarray = (found >= 0) & self._index.ok_at(found, opened=True)
-        return answered
+        return self._index.ok_when_opened(keys)
 
     def stored_before_run(self, keys: np.ndarray) -> np.ndarray:
         """For each key: was its latest answer in the file when this run opened it?"""
