@@ -193,6 +193,22 @@ def one_error_line(stderr: str, label: str = "error") -> str:
     return lines[0]
 
 
+def ray_processes(marker: str) -> list[int]:
+    """The processes of a Ray started under ``marker`` (its RAY_TMPDIR): a test's own
+    Ray, told from any other on the machine, to check what outlived it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"RAY_TMPDIR={marker}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
 # -- waiting ---------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from conftest import (
     one_error_line,
     prompt_text,
     prompts_csv,
+    ray_processes,
     write_job,
 )
 
@@ -256,21 +257,6 @@ class RecordingListener:
 
     def close(self) -> None:
         self._socket.close()
-
-
-def ray_processes(marker: str) -> list[int]:
-    """The processes of a Ray we started: they carry our RAY_TMPDIR."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"RAY_TMPDIR={marker}".encode() in environ:
-            found.append(int(entry.name))
-    return found
 
 
 def wait_for(process: subprocess.Popen[str], listener: RecordingListener,

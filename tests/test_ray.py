@@ -31,6 +31,7 @@ from conftest import (
     cli_env,
     job_dict,
     prompt_text,
+    ray_processes,
     run_job,
     wait_until,
     write_job,
@@ -299,21 +300,6 @@ def test_import_batcher_loads_no_ray() -> None:
 # -- a driver killed mid-run ----------------------------------------------------------------
 
 
-def _ray_processes(marker: str) -> list[int]:
-    """Processes of a Ray started under ``marker`` (its RAY_TMPDIR) that outlived it."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"RAY_TMPDIR={marker}".encode() in environ:
-            found.append(int(entry.name))
-    return found
-
-
 def test_a_killed_driver_resends_at_most_what_was_in_flight(ray_session: None, tmp_path: Path,
                                                              make_mock: MakeMock) -> None:
     server = make_mock(api_key=TEST_KEY, latency_s=0.2, requests_per_minute=2400,
@@ -344,7 +330,7 @@ def test_a_killed_driver_resends_at_most_what_was_in_flight(ray_session: None, t
     while settled != server.stats.requests_total:
         settled = server.stats.requests_total
         time.sleep(2)
-    for pid in _ray_processes(marker):  # Ray's agents may outlive a killed driver briefly
+    for pid in ray_processes(marker):  # Ray's agents may outlive a killed driver briefly
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(marker, ignore_errors=True)
     before = server.stats.snapshot()["prompts"]
