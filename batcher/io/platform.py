@@ -35,7 +35,7 @@ import contextlib
 import importlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -76,24 +76,26 @@ def pread(fd: int, size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset``, leaving the file offset where it was."""
     if _pread is not None:
         return _pread(fd, size, offset)
-    with _seeking:
-        kept = os.lseek(fd, 0, os.SEEK_CUR)
-        try:
-            os.lseek(fd, offset, os.SEEK_SET)
-            return os.read(fd, size)
-        finally:
-            os.lseek(fd, kept, os.SEEK_SET)
+    with _positioned(fd, offset):
+        return os.read(fd, size)
 
 
 def pwrite(fd: int, data: bytes, offset: int) -> int:
     """Write ``data`` at ``offset``, leaving the file offset where it was."""
     if _pwrite is not None:
         return _pwrite(fd, data, offset)
+    with _positioned(fd, offset):
+        return os.write(fd, data)
+
+
+@contextlib.contextmanager
+def _positioned(fd: int, offset: int) -> Iterator[None]:
+    """The fallback of pread and pwrite: the shared offset moved there and back."""
     with _seeking:
         kept = os.lseek(fd, 0, os.SEEK_CUR)
         try:
             os.lseek(fd, offset, os.SEEK_SET)
-            return os.write(fd, data)
+            yield
         finally:
             os.lseek(fd, kept, os.SEEK_SET)
 
