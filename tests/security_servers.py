@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 import orjson
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,6 +34,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._servers: list[asyncio.Server] = []
+        self._runners: list[web.AppRunner] = []
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
@@ -41,6 +43,8 @@ class ServerThread:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         async def close() -> None:
+            for runner in self._runners:
+                await runner.cleanup()
             for server in self._servers:
                 server.close()
             for task in asyncio.all_tasks():
@@ -58,6 +62,17 @@ class ServerThread:
             server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=tls)
             self._servers.append(server)
             return int(server.sockets[0].getsockname()[1])
+
+        return asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
+
+    def serve_app(self, app: web.Application) -> int:
+        """Start serving an aiohttp ``app``; returns the port. Cleaned up on exit."""
+        async def start() -> int:
+            runner = web.AppRunner(app, handle_signals=False)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            self._runners.append(runner)
+            return int(runner.addresses[0][1])
 
         return asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
 

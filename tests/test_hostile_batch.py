@@ -13,7 +13,6 @@ the state file for the next run.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +24,7 @@ import pandas as pd
 import pytest
 from aiohttp import BodyPartReader, web
 from conftest import Ran, cli, job_dict, write_csv, write_job
+from security_servers import ServerThread
 
 Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROMPTS = ["one", "two", "three"]
@@ -58,7 +58,7 @@ def completion_line(custom_id: str, **fields: Any) -> dict[str, Any]:
             **fields}
 
 
-class HostileBatches:
+class HostileBatches(ServerThread):
     """A Files and Batches API on 127.0.0.1, in a thread of its own.
 
     By default it answers like the real one: the upload gets a file id, the
@@ -70,6 +70,7 @@ class HostileBatches:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.paths: list[str] = []
         self.calls: Counter[str] = Counter()
         self.custom_ids: list[str] = []
@@ -81,32 +82,14 @@ class HostileBatches:
             "cancel": json_answer(batch_object(status="cancelling")),
             "content": self._output,
         }
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
         self.base_url = ""
 
     def __enter__(self) -> HostileBatches:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _start(self) -> None:
+        super().__enter__()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self.base_url = f"http://127.0.0.1:{self.serve_app(app)}/v1"
+        return self
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         self.paths.append(request.raw_path)

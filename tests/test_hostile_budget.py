@@ -6,10 +6,8 @@ aiohttp server of its own."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import MakeMock, cli, job_dict, one_error_line, prompts_csv, read_journal, write_job
+from security_servers import ServerThread
 
 from batcher.mock_server import FaultRule, MockServer
 
@@ -82,7 +81,7 @@ def test_item9_a_per_request_fee_is_priced_in_estimate_reservation_and_cost(
 # -- item 10 -----------------------------------------------------------------------------------
 
 
-class _LyingServer:
+class _LyingServer(ServerThread):
     """An OpenAI-compatible server whose answers carry usage that cannot be right."""
 
     USAGES = (
@@ -94,10 +93,8 @@ class _LyingServer:
     )
 
     def __init__(self) -> None:
+        super().__init__()
         self.requests = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
         self.port = 0
 
     async def _chat(self, request: web.Request) -> web.Response:
@@ -110,26 +107,12 @@ class _LyingServer:
                          "message": {"role": "assistant", "content": "fine"}}],
             "usage": usage})
 
-    async def _start(self) -> int:
+    def __enter__(self) -> _LyingServer:
+        super().__enter__()
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return int(self._runner.addresses[0][1])
-
-    def __enter__(self) -> _LyingServer:
-        self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        self.port = self.serve_app(app)
         return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
 
 @pytest.fixture
