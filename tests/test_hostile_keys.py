@@ -58,7 +58,6 @@ class HostileServer:
         self._uploads: dict[str, list[str]] = {}
         self._batches: dict[str, str] = {}
         self._outputs: dict[str, bytes] = {}
-        self._servers = servers
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/files", self._upload)
@@ -66,20 +65,8 @@ class HostileServer:
         app.router.add_get("/v1/batches", self._list)
         app.router.add_post("/v1/batches", self._create)
         app.router.add_get("/v1/batches/{batch_id}", self._retrieve)
-        self._runner = web.AppRunner(app)
-
-        async def start() -> int:
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            return int(self._runner.addresses[0][1])
-
-        self.port = asyncio.run_coroutine_threadsafe(start(), servers.loop).result(timeout=10)
+        self.port = servers.serve_app(app)  # cleaned up with the servers' thread
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(),
-                                         self._servers.loop).result(timeout=10)
 
     def _key(self, request: web.Request) -> str:
         return request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -142,17 +129,13 @@ def servers() -> Iterator[ServerThread]:
 
 
 @pytest.fixture
-def hostile(servers: ServerThread) -> Iterator[Callable[..., HostileServer]]:
-    started: list[HostileServer] = []
+def hostile(servers: ServerThread) -> Callable[..., HostileServer]:
+    """Start hostile servers on the test's thread; they stop with it."""
 
     def start(error: ErrorBody, **options: Any) -> HostileServer:
-        server = HostileServer(servers, error, **options)
-        started.append(server)
-        return server
+        return HostileServer(servers, error, **options)
 
-    yield start
-    for server in started:
-        server.close()
+    return start
 
 
 # -- helpers ---------------------------------------------------------------------------------
